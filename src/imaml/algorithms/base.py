@@ -1,0 +1,166 @@
+"""What every meta-learning algorithm shares: the task batch, the losses, the batching.
+
+An algorithm is a class with keyword-only hyperparameters and one method written for a
+single task, ``task_meta_grad(theta, sx, sy, qx, qy) -> (g, stats)``. ``meta_grad``
+runs it for every task of a ``TaskBatch`` at once with ``torch.func.vmap`` (or, with
+``batched=False``, in a per-task Python loop, the reference path) and averages.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from ..inner import VARIANTS, adapt, proximal_objective
+from ..models import LOSSES
+from ..params import Params, detach, norm
+from ..solvers import get_inner_solver
+
+
+class TaskBatch(NamedTuple):
+    """Support and query sets of T tasks, each tensor with a leading task dimension T."""
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+
+    @property
+    def num_tasks(self) -> int:
+        return self.support_x.shape[0]
+
+    def to(self, *args, **kwargs) -> TaskBatch:
+        return TaskBatch(*(t.to(*args, **kwargs) for t in self))
+
+    def task(self, i: int) -> TaskBatch:
+        """Task i, without the task dimension."""
+        return TaskBatch(*(t[i] for t in self))
+
+
+def _check_int(name: str, value, minimum: int = 0) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_float(name: str, value, *, positive: bool) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > 0 if positive else value >= 0)
+    if not ok:
+        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+
+
+class MetaAlgorithm:
+    """Base class. Subclasses set ``name`` and implement ``task_meta_grad``."""
+
+    name = "base"
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        loss: str = "cross_entropy",
+        lam: float = 0.0,
+        inner_steps: int = 16,
+        inner_lr: float = 0.1,
+        inner_solver: str | Callable = "gd",
+        variant: str = "paper",
+        batched: bool = True,
+    ):
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+        _check_float("lam", lam, positive=False)
+        _check_int("inner_steps", inner_steps)
+        _check_float("inner_lr", inner_lr, positive=True)
+        get_inner_solver(inner_solver)
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown inner-loop variant {variant!r}; choose one of {VARIANTS}")
+        self.model = model
+        self.loss = loss
+        self.lam = float(lam)
+        self.inner_steps = inner_steps
+        self.inner_lr = float(inner_lr)
+        self.inner_solver = inner_solver
+        self.variant = variant
+        self.batched = bool(batched)
+        self._loss_fn = LOSSES[loss]
+
+    # -- losses as functions of a parameter dict ------------------------------------
+    def loss_and_metric(self, params: Params, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
+        return self._loss_fn(functional_call(self.model, params, (x,)), y)
+
+    def loss_of(self, x: Tensor, y: Tensor) -> Callable[[Params], Tensor]:
+        """p ↦ L(p) on the data (x, y)."""
+        return lambda p: self.loss_and_metric(p, x, y)[0]
+
+    @property
+    def classification(self) -> bool:
+        return self.loss == "cross_entropy"
+
+    # -- the shared inner loop ------------------------------------------------------
+    def adapt(self, theta: Params, sx: Tensor, sy: Tensor, **overrides) -> Params:
+        """φ from the shared inner loop with this algorithm's settings (or ``overrides``)."""
+        hp = {
+            "lam": self.lam,
+            "inner_steps": self.inner_steps,
+            "inner_lr": self.inner_lr,
+            "solver": self.inner_solver,
+            "variant": self.variant,
+        }
+        hp.update(overrides)
+        return adapt(self.loss_of(sx, sy), theta, **hp)
+
+    def inner_grad_norm(self, theta: Params, phi: Params, sx: Tensor, sy: Tensor) -> Tensor:
+        """‖∇G(φ)‖ with G(φ) = L̂(φ) + (λ/2)‖φ − θ‖²: how far the inner problem is from solved."""
+        G = proximal_objective(self.loss_of(sx, sy), theta, lam=self.lam)
+        return norm(grad(G)(phi))
+
+    def query_stats(self, phi: Params, sx, sy, qx, qy) -> dict[str, Tensor]:
+        q_loss, q_metric = self.loss_and_metric(phi, qx, qy)
+        stats = {"support_loss": self.loss_of(sx, sy)(phi), "query_loss": q_loss}
+        if q_metric is not None:
+            stats["query_accuracy"] = q_metric
+        return stats
+
+    # -- per task and batched --------------------------------------------------------
+    def task_meta_grad(self, theta: Params, sx, sy, qx, qy) -> tuple[Params, dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def meta_grad(self, params: Params, batch: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
+        """Mean meta-gradient over the tasks of ``batch`` and per-task statistics (shape (T,))."""
+        theta = detach(params)
+        if not isinstance(batch, TaskBatch):
+            batch = TaskBatch(*batch)
+        if self.batched:
+            g, stats = vmap(self.task_meta_grad, in_dims=(None, 0, 0, 0, 0))(theta, *batch)
+        else:
+            outs = [self.task_meta_grad(theta, *batch.task(i)) for i in range(batch.num_tasks)]
+            g = {k: torch.stack([o[0][k] for o in outs]) for k in theta}
+            stats = {k: torch.stack([o[1][k] for o in outs]) for k in outs[0][1]}
+        bad = ~torch.isfinite(stats["query_loss"]) | ~torch.isfinite(stats["support_loss"])
+        for v in g.values():
+            bad |= ~torch.isfinite(v.flatten(1)).all(1)
+        if bool(bad.any()):
+            tasks = bad.nonzero().flatten().tolist()
+            raise ValueError(
+                f"{self.name}: non-finite loss or meta-gradient for task(s) {tasks} of the batch; "
+                "lower inner_lr or check the inputs"
+            )
+        return {k: v.mean(0) for k, v in g.items()}, stats
+
+    def hyperparameters(self) -> dict:
+        return {
+            "lam": self.lam,
+            "inner_steps": self.inner_steps,
+            "inner_lr": self.inner_lr,
+            "inner_solver": self.inner_solver if isinstance(self.inner_solver, str) else "custom",
+            "variant": self.variant,
+            "loss": self.loss,
+            "batched": self.batched,
+        }
