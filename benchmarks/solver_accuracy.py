@@ -42,7 +42,9 @@ def task_data(kind: str, g: torch.Generator, dtype):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--seeds", type=int, default=6, help="number of random networks/tasks")
     ap.add_argument("--channels", type=int, default=8, help="conv channels (64 in the paper)")
     ap.add_argument("--data", choices=["random", "omniglot"], default="random")
@@ -63,7 +65,7 @@ def main(argv=None) -> int:
         _, hvp = linearize_grad(Ls, phi)
         A = implicit_operator(hvp, lam=args.lam)
         vf, unravel = ravel(v)
-        M = dense_matrix(lambda x: ravel(A(unravel(x)))[0], vf.numel(), dtype=dt)
+        M = dense_matrix(lambda x, A=A, u=unravel: ravel(A(u(x)))[0], vf.numel(), dtype=dt)
         eig = torch.linalg.eigvalsh(0.5 * (M + M.T))
         exact = torch.linalg.solve(M, vf)
         row = {
@@ -80,11 +82,15 @@ def main(argv=None) -> int:
                 errs.append(((ravel(x)[0] - exact).norm() / exact.norm()).item())
             row[solver] = errs
         rows.append(row)
-        print(f"seed {seed}: eig [{row['eig_min']:.3f}, {row['eig_max']:.2f}]  "
-              + "  ".join(f"{s}@5={row[s][2]:.3f}" for s in ["cg", "minres", "neumann"]))
+        print(
+            f"seed {seed}: eig [{row['eig_min']:.3f}, {row['eig_max']:.2f}]  "
+            + "  ".join(f"{s}@5={row[s][2]:.3f}" for s in ["cg", "minres", "neumann"])
+        )
     OUT.mkdir(parents=True, exist_ok=True)
-    result = {"config": vars(args) | {"steps": STEPS, "inner_steps": 16, "torch": torch.__version__},
-              "rows": rows}
+    result = {
+        "config": vars(args) | {"steps": STEPS, "inner_steps": 16, "torch": torch.__version__},
+        "rows": rows,
+    }
     (OUT / "solver_accuracy.json").write_text(json.dumps(result, indent=1))
     plot(rows)
     return 0
@@ -101,12 +107,21 @@ def plot(rows):
         sel = [r for r in rows if (r["eig_min"] <= 0) == indefinite]
         for solver, color in [("cg", "C0"), ("minres", "C1"), ("neumann", "C2")]:
             for i, r in enumerate(sel):
-                ax.plot(STEPS, [min(e, 10.0) for e in r[solver]], color=color, alpha=0.7,
-                        label=solver if i == 0 else None, marker="o", ms=3)
+                ax.plot(
+                    STEPS,
+                    [min(e, 10.0) for e in r[solver]],
+                    color=color,
+                    alpha=0.7,
+                    label=solver if i == 0 else None,
+                    marker="o",
+                    ms=3,
+                )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("solver steps (Hessian-vector products)")
-        ax.set_title(f"{'indefinite' if indefinite else 'positive definite'} I + H/λ ({len(sel)} tasks)")
+        ax.set_title(
+            f"{'indefinite' if indefinite else 'positive definite'} I + H/λ ({len(sel)} tasks)"
+        )
         ax.axhline(1.0, color="gray", lw=0.5)
         ax.legend()
     axes[0].set_ylabel("relative error vs dense solve (clipped at 10)")

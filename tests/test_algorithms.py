@@ -1,8 +1,8 @@
 import pytest
 import torch
+from conftest import rel
 from torch.func import grad
 
-from conftest import rel
 from imaml import ALGORITHMS, TaskBatch, adapt, make_algorithm
 from imaml.data.linear import LinearRegressionTasks, exact_meta_grad
 from imaml.data.sinusoid import SinusoidTasks
@@ -31,8 +31,13 @@ def test_maml_matches_central_finite_differences():
     g, _ = alg.meta_grad(theta, batch)
 
     def meta_loss(th):
-        return sum(alg.loss_of(t.query_x, t.query_y)(alg.adapt(th, t.support_x, t.support_y))
-                   for t in (batch.task(i) for i in range(2))) / 2
+        return (
+            sum(
+                alg.loss_of(t.query_x, t.query_y)(alg.adapt(th, t.support_x, t.support_y))
+                for t in (batch.task(i) for i in range(2))
+            )
+            / 2
+        )
 
     gen = torch.Generator().manual_seed(5)
     for _ in range(3):
@@ -52,7 +57,9 @@ def test_fomaml_is_query_gradient_at_phi():
     ref = {k: 0 for k in theta}
     for i in range(batch.num_tasks):
         t = batch.task(i)
-        phi = adapt(alg.loss_of(t.support_x, t.support_y), theta, lam=0.0, inner_steps=4, inner_lr=0.01)
+        phi = adapt(
+            alg.loss_of(t.support_x, t.support_y), theta, lam=0.0, inner_steps=4, inner_lr=0.01
+        )
         gi = grad(alg.loss_of(t.query_x, t.query_y))(phi)
         ref = {k: ref[k] + gi[k] / batch.num_tasks for k in theta}
     assert rel(g, ref) < 1e-12
@@ -85,10 +92,20 @@ def test_imaml_with_converged_inner_loop_equals_exact_meta_gradient(solver):
     fam = LinearRegressionTasks(dim=8, n_support=16, n_query=12, condition_number=20.0)
     batch = fam.sample(4, generator=torch.Generator().manual_seed(0))
     model = fam.make_model().double()
-    theta = {"w": torch.randn(8, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))}
+    theta = {
+        "w": torch.randn(8, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    }
     lam = 1.0
-    alg = make_algorithm("imaml", model=model, loss="half_sse", lam=lam, inner_steps=600,
-                         inner_lr=1.0 / (1.0 + lam), solver=solver, cg_steps=8)
+    alg = make_algorithm(
+        "imaml",
+        model=model,
+        loss="half_sse",
+        lam=lam,
+        inner_steps=600,
+        inner_lr=1.0 / (1.0 + lam),
+        solver=solver,
+        cg_steps=8,
+    )
     g, stats = alg.meta_grad(theta, batch)
     ref = sum(exact_meta_grad(theta["w"], batch.task(i), lam=lam) for i in range(4)) / 4
     assert rel(g["w"], ref) < 1e-9
@@ -143,16 +160,27 @@ def test_vmap_path_equals_per_task_loop_float64(name):
 @pytest.mark.parametrize("name", ["imaml", "maml"])
 def test_vmap_path_equals_per_task_loop_float32(name):
     model, theta, batch = conv_setup(torch.float32)
-    out = [make_algorithm(name, model=model, inner_steps=5, batched=b, **ALG_KW[name])
-           .meta_grad(theta, batch)[0] for b in (True, False)]
+    out = [
+        make_algorithm(name, model=model, inner_steps=5, batched=b, **ALG_KW[name]).meta_grad(
+            theta, batch
+        )[0]
+        for b in (True, False)
+    ]
     assert rel(out[0], out[1]) < 1e-3
 
 
 def test_reference_code_variant_is_plain_steps_then_one_proximal_pull():
     model, theta, batch = sinusoid_setup()
     t = batch.task(0)
-    alg = make_algorithm("imaml", model=model, loss="mse", lam=2.0, inner_steps=3, inner_lr=0.05,
-                         variant="reference_code")
+    alg = make_algorithm(
+        "imaml",
+        model=model,
+        loss="mse",
+        lam=2.0,
+        inner_steps=3,
+        inner_lr=0.05,
+        variant="reference_code",
+    )
     phi = alg.adapt(theta, t.support_x, t.support_y)
     L = alg.loss_of(t.support_x, t.support_y)
     ref = dict(theta)
@@ -178,8 +206,15 @@ def test_paper_variant_has_proximal_term_in_every_step():
 def test_stats_have_one_value_per_task():
     model, theta, batch = conv_setup(torch.float32, T=4)
     _, stats = make_algorithm("imaml", model=model, inner_steps=2).meta_grad(theta, batch)
-    for key in ("support_loss", "query_loss", "query_accuracy", "inner_grad_norm",
-                "solver_residual", "solver_iterations", "negative_curvature"):
+    for key in (
+        "support_loss",
+        "query_loss",
+        "query_accuracy",
+        "inner_grad_norm",
+        "solver_residual",
+        "solver_iterations",
+        "negative_curvature",
+    ):
         assert stats[key].shape == (4,), key
     assert ((stats["query_accuracy"] >= 0) & (stats["query_accuracy"] <= 1)).all()
 
@@ -195,12 +230,19 @@ def test_nan_input_raises_value_error():
 
 @pytest.mark.parametrize(
     "name,kwargs,match",
-    [("imaml", {"lam": 0.0}, "lam"), ("imaml", {"lam": -2.0}, "lam"),
-     ("maml", {"inner_steps": -1}, "inner_steps"), ("fomaml", {"inner_lr": 0.0}, "inner_lr"),
-     ("imaml", {"cg_steps": -5}, "steps"), ("imaml", {"solver": "qr"}, "solver"),
-     ("reptile", {"cg_steps": 5}, "does not take"), ("sgd", {}, "unknown algorithm"),
-     ("imaml", {"loss": "hinge"}, "loss"), ("imaml", {"variant": "x"}, "variant"),
-     ("imaml", {"inner_solver": "bfgs"}, "inner solver")],
+    [
+        ("imaml", {"lam": 0.0}, "lam"),
+        ("imaml", {"lam": -2.0}, "lam"),
+        ("maml", {"inner_steps": -1}, "inner_steps"),
+        ("fomaml", {"inner_lr": 0.0}, "inner_lr"),
+        ("imaml", {"cg_steps": -5}, "steps"),
+        ("imaml", {"solver": "qr"}, "solver"),
+        ("reptile", {"cg_steps": 5}, "does not take"),
+        ("sgd", {}, "unknown algorithm"),
+        ("imaml", {"loss": "hinge"}, "loss"),
+        ("imaml", {"variant": "x"}, "variant"),
+        ("imaml", {"inner_solver": "bfgs"}, "inner solver"),
+    ],
 )
 def test_bad_hyperparameters_raise_value_error(name, kwargs, match):
     model, *_ = sinusoid_setup()

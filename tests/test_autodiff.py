@@ -1,8 +1,8 @@
 import pytest
 import torch
+from conftest import rel
 from torch.func import functional_call
 
-from conftest import rel
 from imaml.autodiff import hvp, linearize_grad
 from imaml.models import MLP, OmniglotConvNet, cross_entropy
 from imaml.params import ravel

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import rel
+
 from imaml import implicit_meta_grad
 from imaml.algorithms import TaskBatch
 from imaml.data.linear import LinearRegressionTasks, inner_solution
@@ -19,8 +19,10 @@ def quadratic(seed=0):
     flat = lambda p: torch.cat([p["w"].reshape(-1), p["b"]])
     support = lambda p: 0.5 * flat(p) @ Q @ flat(p) - c @ flat(p)
     query = lambda p: 0.5 * ((flat(p) - t) ** 2).sum()
-    phi = {"w": torch.randn(2, 3, generator=g, dtype=torch.float64),
-           "b": torch.randn(3, generator=g, dtype=torch.float64)}
+    phi = {
+        "w": torch.randn(2, 3, generator=g, dtype=torch.float64),
+        "b": torch.randn(3, generator=g, dtype=torch.float64),
+    }
     theta = {k: torch.randn_like(v) for k, v in phi.items()}
     return support, query, theta, phi, Q, flat(phi) - t, flat
 
@@ -44,16 +46,19 @@ def test_neumann_converges_to_closed_form_when_spectrum_allows():
 
 def test_damping_reproduces_released_code_operator():
     support, query, theta, phi, Q, v, flat = quadratic(1)
-    g = implicit_meta_grad(support, query, theta, phi, lam=2.0, solver="exact",
-                           cg_damping=1.0, lam_damping=10.0)
+    g = implicit_meta_grad(
+        support, query, theta, phi, lam=2.0, solver="exact", cg_damping=1.0, lam_damping=10.0
+    )
     ref = torch.linalg.solve(2.0 * torch.eye(9, dtype=torch.float64) + Q / 12.0, v)
     assert rel(flat(g), ref) < 1e-10
 
 
 def test_large_lambda_tends_to_first_order_gradient():
     support, query, theta, phi, Q, v, flat = quadratic(2)
-    errs = [rel(flat(implicit_meta_grad(support, query, theta, phi, lam=lam, solver="exact")), v)
-            for lam in (1.0, 1e2, 1e4, 1e6)]
+    errs = [
+        rel(flat(implicit_meta_grad(support, query, theta, phi, lam=lam, solver="exact")), v)
+        for lam in (1.0, 1e2, 1e4, 1e6)
+    ]
     assert errs[0] > 0.05 and errs[-1] < 1e-5
     assert all(b < a for a, b in zip(errs, errs[1:], strict=False))
 
@@ -66,7 +71,9 @@ def test_end_to_end_equals_derivative_of_closed_form_solve(lam):
     xs, ys, xq, yq = task
     support = lambda p: 0.5 * ((xs @ p["w"] - ys) ** 2).sum(-1).mean()
     query = lambda p: 0.5 * ((xq @ p["w"] - yq) ** 2).sum(-1).mean()
-    theta = {"w": torch.randn(6, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(4))}
+    theta = {
+        "w": torch.randn(6, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    }
     # inner loop: GD on G until ‖∇G‖ < 1e-12 (step 1/(L+λ), L ≤ 1 by construction)
     G = lambda p: support(p) + 0.5 * lam * ((p["w"] - theta["w"]) ** 2).sum()
     phi = dict(theta)
@@ -74,14 +81,21 @@ def test_end_to_end_equals_derivative_of_closed_form_solve(lam):
         phi = {"w": phi["w"] - torch.func.grad(G)(phi)["w"] / (1.0 + lam)}
     assert torch.func.grad(G)(phi)["w"].norm() < 1e-12
     g = implicit_meta_grad(support, query, theta, phi, lam=lam, solver="cg", steps=6)
-    closed = torch.func.grad(lambda th: query({"w": inner_solution(th, xs, ys, lam=lam)}))(theta["w"])
+    closed = torch.func.grad(lambda th: query({"w": inner_solution(th, xs, ys, lam=lam)}))(
+        theta["w"]
+    )
     assert rel(g["w"], closed) < 1e-9
 
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [({"lam": 0.0}, "lam"), ({"lam": -1.0}, "lam"), ({"lam": float("nan")}, "lam"),
-     ({"lam": 2.0, "steps": -3}, "steps"), ({"lam": 2.0, "solver": "lu"}, "solver")],
+    [
+        ({"lam": 0.0}, "lam"),
+        ({"lam": -1.0}, "lam"),
+        ({"lam": float("nan")}, "lam"),
+        ({"lam": 2.0, "steps": -3}, "steps"),
+        ({"lam": 2.0, "solver": "lu"}, "solver"),
+    ],
 )
 def test_bad_hyperparameters_raise(kwargs, match):
     support, query, theta, phi, *_ = quadratic()
@@ -108,8 +122,11 @@ def test_nan_loss_raises():
 def test_runs_under_vmap_over_tasks():
     support, query, theta, phi, Q, v, flat = quadratic()
     shifts = torch.linspace(0, 1, 3, dtype=torch.float64)
-    f = lambda s: ravel(implicit_meta_grad(support, lambda p: query(p) * (1 + s), theta, phi,
-                                           lam=2.0, solver="cg", steps=9))[0]
+    f = lambda s: ravel(
+        implicit_meta_grad(
+            support, lambda p: query(p) * (1 + s), theta, phi, lam=2.0, solver="cg", steps=9
+        )
+    )[0]
     out = torch.func.vmap(f)(shifts)
     ref = torch.linalg.solve(torch.eye(9, dtype=torch.float64) + Q / 2.0, v)
     for i, s in enumerate(shifts):

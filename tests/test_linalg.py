@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import rel
+
 from imaml.linalg import cg, dense_matrix, exact, minres, neumann, solve
 
 
@@ -15,8 +15,12 @@ def spd(n, cond, seed):
 def indefinite(n, seed):
     g = torch.Generator().manual_seed(seed)
     Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    eig = torch.cat([-torch.linspace(0.5, 2.0, 3, dtype=torch.float64),
-                     torch.linspace(0.5, 10.0, n - 3, dtype=torch.float64)])
+    eig = torch.cat(
+        [
+            -torch.linspace(0.5, 2.0, 3, dtype=torch.float64),
+            torch.linspace(0.5, 10.0, n - 3, dtype=torch.float64),
+        ]
+    )
     return Q @ torch.diag(eig) @ Q.T, torch.randn(n, generator=g, dtype=torch.float64)
 
 
@@ -107,7 +111,9 @@ def test_vmap_over_systems_equals_loop(method):
     for i in range(4):
         single = one(As[i], bs[i])
         for a, s in zip(batched, single, strict=True):
-            assert torch.allclose(a[i].to(torch.float64), s.to(torch.float64), rtol=1e-10, atol=1e-12)
+            assert torch.allclose(
+                a[i].to(torch.float64), s.to(torch.float64), rtol=1e-10, atol=1e-12
+            )
 
 
 def test_zero_rhs_gives_zero():

@@ -22,7 +22,11 @@ from .params import Params, check_same_structure
 
 
 def implicit_operator(
-    hvp: Callable[[Params], Params], *, lam: float, cg_damping: float = 0.0, lam_damping: float = 0.0
+    hvp: Callable[[Params], Params],
+    *,
+    lam: float,
+    cg_damping: float = 0.0,
+    lam_damping: float = 0.0,
 ) -> Callable[[Params], Params]:
     """v ↦ (1 + cg_damping)·v + H·v / (λ + lam_damping); the paper's I + H/λ at zero damping.
 

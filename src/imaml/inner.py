@@ -50,6 +50,8 @@ def adapt(
         raise ValueError(f"unknown inner-loop variant {variant!r}; choose one of {VARIANTS}")
     step = get_inner_solver(solver)
     if variant == "paper":
-        return step(proximal_objective(support_loss, theta, lam=lam), theta, steps=inner_steps, lr=inner_lr)
+        return step(
+            proximal_objective(support_loss, theta, lam=lam), theta, steps=inner_steps, lr=inner_lr
+        )
     phi = step(support_loss, theta, steps=inner_steps, lr=inner_lr)
     return add(phi, sub(phi, theta), -inner_lr * lam)

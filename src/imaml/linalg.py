@@ -45,7 +45,9 @@ def _flat_problem(matvec: Callable, b: Vector, x0: Vector | None):
     """Return (flat matvec, flat b, flat x0 or None, unravel) for tensor or dict ``b``."""
     if isinstance(b, Tensor):
         if b.dim() != 1:
-            raise ValueError(f"b must be a 1-D tensor or a parameter dict, got shape {tuple(b.shape)}")
+            raise ValueError(
+                f"b must be a 1-D tensor or a parameter dict, got shape {tuple(b.shape)}"
+            )
         return matvec, b, x0, lambda v: v
     bf, unravel = ravel(b)
 
@@ -109,7 +111,11 @@ def cg(matvec: Callable, b: Vector, *, steps: int, tol: float = 0.0, x0: Vector 
         x = torch.where(neg_at_start, b, x)
         rr = torch.where(neg_at_start, fallback_rr, rr)
     residual = torch.sqrt(rr) / _safe(bnorm)
-    return unravel(x), {"iterations": iterations, "residual": residual, "negative_curvature": negative}
+    return unravel(x), {
+        "iterations": iterations,
+        "residual": residual,
+        "negative_curvature": negative,
+    }
 
 
 def minres(matvec: Callable, b: Vector, *, steps: int, tol: float = 0.0, x0: Vector | None = None):
@@ -168,7 +174,11 @@ def minres(matvec: Callable, b: Vector, *, steps: int, tol: float = 0.0, x0: Vec
         # Stop at the tolerance, or when the Krylov space is exhausted (β = 0).
         active = active & (phibar > tol * bnorm) & (beta > tiny)
     residual = phibar / _safe(bnorm)
-    return unravel(x), {"iterations": iterations, "residual": residual, "negative_curvature": negative}
+    return unravel(x), {
+        "iterations": iterations,
+        "residual": residual,
+        "negative_curvature": negative,
+    }
 
 
 def neumann(
@@ -203,7 +213,11 @@ def neumann(
         active = active & (rnorm > tol * bnorm)
     residual = rnorm / _safe(bnorm)
     negative = torch.zeros_like(active)
-    return unravel(x), {"iterations": iterations, "residual": residual, "negative_curvature": negative}
+    return unravel(x), {
+        "iterations": iterations,
+        "residual": residual,
+        "negative_curvature": negative,
+    }
 
 
 def dense_matrix(matvec: Callable, n: int, *, dtype=None, device=None) -> Tensor:
@@ -212,7 +226,9 @@ def dense_matrix(matvec: Callable, n: int, *, dtype=None, device=None) -> Tensor
     return torch.func.vmap(matvec)(eye).transpose(-1, -2)
 
 
-def exact(matvec: Callable, b: Vector, *, steps: int = 0, tol: float = 0.0, x0: Vector | None = None):
+def exact(
+    matvec: Callable, b: Vector, *, steps: int = 0, tol: float = 0.0, x0: Vector | None = None
+):
     """Dense solve: forms A from n matvecs and calls ``torch.linalg.solve`` (small n only)."""
     del steps, tol, x0  # a direct solve needs none of them
     A, b, _, unravel = _flat_problem(matvec, b, None)
@@ -224,7 +240,11 @@ def exact(matvec: Callable, b: Vector, *, steps: int = 0, tol: float = 0.0, x0: 
     residual = torch.linalg.vector_norm(b - M @ x) / _safe(bnorm)
     negative = torch.linalg.eigvalsh(M)[..., 0] <= 0
     iterations = torch.zeros((), dtype=torch.int64, device=b.device) + n
-    return unravel(x), {"iterations": iterations, "residual": residual, "negative_curvature": negative}
+    return unravel(x), {
+        "iterations": iterations,
+        "residual": residual,
+        "negative_curvature": negative,
+    }
 
 
 _BY_NAME = {"cg": cg, "minres": minres, "neumann": neumann, "exact": exact}

@@ -40,5 +40,14 @@ def make_algorithm(name: str, **hyperparameters) -> MetaAlgorithm:
     return ALGORITHMS[name](**hyperparameters)
 
 
-__all__ = ["ALGORITHMS", "FOMAML", "IMAML", "MAML", "MetaAlgorithm", "Reptile", "TaskBatch",
-           "hyperparameter_names", "make_algorithm"]
+__all__ = [
+    "ALGORITHMS",
+    "FOMAML",
+    "IMAML",
+    "MAML",
+    "MetaAlgorithm",
+    "Reptile",
+    "TaskBatch",
+    "hyperparameter_names",
+    "make_algorithm",
+]

@@ -51,7 +51,9 @@ def _check_float(name: str, value, *, positive: bool) -> None:
     ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value > 0 if positive else value >= 0)
     if not ok:
-        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+        raise ValueError(
+            f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}"
+        )
 
 
 class MetaAlgorithm:

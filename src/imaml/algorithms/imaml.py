@@ -68,6 +68,7 @@ class IMAML(MetaAlgorithm):
     def task_meta_grad(self, theta, sx, sy, qx, qy):
         support_loss = self.loss_of(sx, sy)
         phi = self.adapt(theta, sx, sy)
+
         # v = ∇L(φ), the query gradient at the inner solution.
         def query(p):
             loss, metric = self.loss_and_metric(p, qx, qy)

@@ -14,12 +14,28 @@ class MAML(MetaAlgorithm):
 
     name = "maml"
 
-    def __init__(self, *, model, loss="cross_entropy", lam: float = 0.0, inner_steps: int = 16,
-                 inner_lr: float = 0.1, inner_solver="gd", variant: str = "paper",
-                 batched: bool = True):
-        super().__init__(model=model, loss=loss, lam=lam, inner_steps=inner_steps,
-                         inner_lr=inner_lr, inner_solver=inner_solver, variant=variant,
-                         batched=batched)
+    def __init__(
+        self,
+        *,
+        model,
+        loss="cross_entropy",
+        lam: float = 0.0,
+        inner_steps: int = 16,
+        inner_lr: float = 0.1,
+        inner_solver="gd",
+        variant: str = "paper",
+        batched: bool = True,
+    ):
+        super().__init__(
+            model=model,
+            loss=loss,
+            lam=lam,
+            inner_steps=inner_steps,
+            inner_lr=inner_lr,
+            inner_solver=inner_solver,
+            variant=variant,
+            batched=batched,
+        )
 
     def task_meta_grad(self, theta, sx, sy, qx, qy):
         def outer(th):

@@ -23,8 +23,16 @@ class LinearRegressionTasks:
     loss = "half_sse"
     metric = "half_sse"
 
-    def __init__(self, *, dim: int = 10, n_support: int = 20, n_query: int = 20,
-                 condition_number: float = 100.0, noise: float = 0.1, seed: int = 0):
+    def __init__(
+        self,
+        *,
+        dim: int = 10,
+        n_support: int = 20,
+        n_query: int = 20,
+        condition_number: float = 100.0,
+        noise: float = 0.1,
+        seed: int = 0,
+    ):
         if n_support < dim:
             raise ValueError(f"n_support ({n_support}) must be >= dim ({dim})")
         if not condition_number >= 1:
@@ -38,14 +46,17 @@ class LinearRegressionTasks:
         return Linear(self.dim)
 
     def _features(self, T: int, n: int, generator, dtype) -> Tensor:
-        eig = torch.logspace(0, -torch.log10(torch.tensor(self.condition_number)).item(),
-                             self.dim, dtype=dtype)
+        eig = torch.logspace(
+            0, -torch.log10(torch.tensor(self.condition_number)).item(), self.dim, dtype=dtype
+        )
         U, _ = torch.linalg.qr(torch.randn(T, n, self.dim, generator=generator, dtype=dtype))
         V, _ = torch.linalg.qr(torch.randn(T, self.dim, self.dim, generator=generator, dtype=dtype))
         # X = √n · U diag(√eig) Vᵀ, so XᵀX/n = V diag(eig) Vᵀ exactly.
-        return (n ** 0.5) * U @ torch.diag_embed(eig.sqrt()) @ V.transpose(-1, -2)
+        return (n**0.5) * U @ torch.diag_embed(eig.sqrt()) @ V.transpose(-1, -2)
 
-    def sample(self, num_tasks: int, *, generator: torch.Generator, dtype=torch.float64) -> TaskBatch:
+    def sample(
+        self, num_tasks: int, *, generator: torch.Generator, dtype=torch.float64
+    ) -> TaskBatch:
         T = num_tasks
         w = self.w_mean.to(dtype) + torch.randn(T, self.dim, 1, generator=generator, dtype=dtype)
         xs = self._features(T, self.n_support, generator, dtype)

@@ -1,0 +1,299 @@
+"""The ``imaml`` command: train, eval, presets, plot. The only module that reads argv."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+
+from .config import PRESET_NOTES, PRESETS, Config, ConfigError, from_preset
+
+HELP = {
+    "task": "task family: omniglot, miniimagenet or sinusoid",
+    "algo": "meta-learning algorithm: imaml, maml (backprop through the inner loop), fomaml, reptile",
+    "n_way": "classes per task (N)",
+    "k_shot": "support examples per class (K)",
+    "k_query": "query examples per class (Q); default: K, as in the paper",
+    "split": "omniglot class split: paper (1623 pooled, 1200/423) or background (alphabets)",
+    "split_seed": "seed of the class permutation of the split (recorded in checkpoints)",
+    "val_classes": "classes held out of meta-training for validation / model selection",
+    "data_dir": "folder holding omniglot/ (or miniimagenet/); default $IMAML_DATA_DIR, "
+    "else ~/.cache/imaml/data (downloaded there if missing)",
+    "lam": "λ, strength of the proximal term (λ/2)‖φ−θ‖²; default 2 for imaml, 0 for baselines",
+    "inner_steps": "inner optimiser steps per task",
+    "inner_lr": "inner optimiser step size α",
+    "inner_solver": "inner optimiser: gd",
+    "variant": "inner loop: paper (proximal term in every step) or reference_code "
+    "(the authors' release: plain steps, then one proximal pull-back)",
+    "cg_steps": "steps of the meta-gradient linear solver (Hessian-vector products per task)",
+    "solver": "linear solver for (I + H/λ)g = ∇L: minres (default; sound for indefinite H), "
+    "cg (truncated at negative curvature), neumann, exact (dense, small models)",
+    "cg_damping": "operator (1+cg_damping)I + H/(λ+lam_damping); the authors' code uses 1",
+    "lam_damping": "see --cg-damping; the authors' code uses 10",
+    "hvp_mode": "Hessian-vector products: rev (reverse-over-reverse, default) or fwd",
+    "meta_batch": "tasks per meta-step (B)",
+    "meta_steps": "outer (meta) steps in total",
+    "outer_lr": "Adam learning rate of the outer loop",
+    "adam_eps": "Adam epsilon of the outer loop",
+    "seed": "seed of the model initialisation and of task sampling",
+    "eval_lam": "λ used when evaluating (default: as in training; the authors use 0)",
+    "eval_inner_steps": "inner steps when evaluating (default: as in training)",
+    "eval_inner_lr": "inner step size when evaluating (default: as in training)",
+    "val_every": "validate every N meta-steps (best checkpoint kept by validation score)",
+    "val_tasks": "validation tasks per validation (0 disables validation)",
+    "test_tasks": "test tasks of the final evaluation (paper: 600)",
+    "checkpoint_every": "write last.pt every N meta-steps",
+    "log_every": "write a metrics.jsonl line every N meta-steps",
+    "device": "auto (CUDA when available), cpu or cuda[:N]",
+    "dtype": "float32 or float64",
+    "threads": "CPU threads for PyTorch (default: PyTorch's choice)",
+    "batched": "vmap over the tasks of a meta-batch (--no-batched: per-task loop, the reference path)",
+}
+
+
+def _type_of(f):
+    t = str(f.type)
+    if "bool" in t:
+        return "bool"
+    if "int" in t:
+        return int
+    if "float" in t:
+        return float
+    return str
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("configuration (defaults come from the preset)")
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        typ = _type_of(f)
+        if typ == "bool":
+            g.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=HELP[f.name]
+            )
+        else:
+            g.add_argument(flag, type=typ, default=None, metavar=f.name.upper(), help=HELP[f.name])
+
+
+def _overrides(args) -> dict:
+    return {
+        f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None
+    }
+
+
+def _preset_for(args) -> str:
+    if args.preset:
+        return args.preset
+    task = args.task or "omniglot"
+    return {
+        "omniglot": "omniglot-5w1s",
+        "miniimagenet": "miniimagenet-5w1s",
+        "sinusoid": "sinusoid",
+    }[task]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="imaml",
+        description="Meta-learning with implicit gradients (iMAML) and its baselines: MAML, "
+        "first-order MAML, Reptile.",
+        epilog="Run 'imaml COMMAND --help' for the options of each command.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser(
+        "train",
+        help="meta-train a model",
+        description=(
+            "Meta-train on a preset (default: omniglot-5w1s, the paper's iMAML-GD settings); any "
+            "option below overrides the preset. Writes config.json, metrics.jsonl, last.pt, "
+            "best.pt and learning_curve.png into --out, then evaluates on the test split."
+        ),
+    )
+    t.add_argument("--preset", metavar="NAME", help=f"start from this preset: {', '.join(PRESETS)}")
+    t.add_argument("--out", help="run folder (default: runs/PRESET-ALGO)")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last.pt (its saved config is used; "
+        "--meta-steps may extend it)",
+    )
+    t.add_argument(
+        "--time-budget",
+        type=float,
+        metavar="MINUTES",
+        help="stop (with a checkpoint) after this many minutes of training",
+    )
+    t.add_argument("--no-test", action="store_true", help="skip the final test evaluation")
+    t.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_config_options(t)
+
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a trained run on test tasks",
+        description=(
+            "Adapt to each test task with the run's inner loop and report the mean query score with "
+            "a 95%% confidence interval (1.96·σ/√n). Writes RUN_DIR/eval.json."
+        ),
+    )
+    e.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by 'imaml train'")
+    e.add_argument(
+        "--tasks",
+        type=int,
+        default=None,
+        help="number of tasks (default: the run's test_tasks, 600 on the presets)",
+    )
+    e.add_argument("--split", choices=["test", "val"], default="test", help="which classes")
+    e.add_argument(
+        "--checkpoint",
+        choices=["best", "last"],
+        default="best",
+        help="best (by validation; falls back to last) or last parameters",
+    )
+    e.add_argument("--seed", type=int, default=None, help="seed of the sampled test tasks")
+    e.add_argument("--eval-lam", type=float, help=HELP["eval_lam"])
+    e.add_argument("--eval-inner-steps", type=int, help=HELP["eval_inner_steps"])
+    e.add_argument("--eval-inner-lr", type=float, help=HELP["eval_inner_lr"])
+    e.add_argument("--data-dir", help=HELP["data_dir"])
+    e.add_argument("--device", help=HELP["device"])
+    e.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (metric, mean, ci95, tasks, config, ...)",
+    )
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sub.add_parser(
+        "presets",
+        help="list the presets and their values",
+        description="List every preset with the values it sets.",
+    )
+
+    pl = sub.add_parser(
+        "plot",
+        help="redraw a run's learning curve",
+        description="Redraw RUN_DIR/learning_curve.png from metrics.jsonl.",
+    )
+    pl.add_argument("run_dir", metavar="RUN_DIR")
+    return p
+
+
+def cmd_train(args) -> int:
+    from .train import meta_train
+
+    preset = _preset_for(args)
+    overrides = _overrides(args)
+    out = args.out or f"runs/{preset}-{overrides.get('algo', 'imaml')}"
+    if args.resume:
+        extra = sorted(set(overrides) - {"meta_steps"})
+        if extra:
+            raise ConfigError(
+                f"--resume continues with the run's saved config; drop {extra} "
+                "(only --meta-steps may change)"
+            )
+        from .checkpoint import load_checkpoint
+
+        saved = Config.from_dict(load_checkpoint(f"{out}/last.pt")["config"])
+        cfg = saved.replace(**overrides)
+    else:
+        cfg = from_preset(preset, **overrides)
+    budget = None if args.time_budget is None else 60.0 * args.time_budget
+    if budget is not None and budget <= 0:
+        raise ConfigError(f"--time-budget must be > 0 minutes, got {args.time_budget}")
+    summary = meta_train(
+        cfg,
+        out,
+        resume=args.resume,
+        progress=not args.quiet,
+        time_budget_s=budget,
+        final_test=not args.no_test,
+        tensorboard=args.tensorboard,
+    )
+    print(
+        f"{summary['step']}/{summary['meta_steps']} meta-steps in {summary['seconds']:.0f} s "
+        f"({summary['seconds_per_step']:.3f} s/step); run folder: {out}"
+    )
+    if summary["stopped_by"]:
+        print(
+            f"stopped by {summary['stopped_by']}; continue with: imaml train --out {out} --resume"
+        )
+    if "test" in summary:
+        r = summary["test"]
+        scale = 100.0 if r["metric"] == "accuracy" else 1.0
+        unit = "%" if r["metric"] == "accuracy" else ""
+        print(
+            f"test {r['metric']}: {scale * r['mean']:.2f}{unit} ± {scale * r['ci95']:.2f}{unit} "
+            f"(95% CI, {r['tasks']} tasks, {r['checkpoint']} from step {r['checkpoint_step']})"
+        )
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .train import evaluate_run
+
+    if args.tasks is not None and args.tasks < 1:
+        raise ConfigError(f"--tasks must be >= 1, got {args.tasks}")
+    res = evaluate_run(
+        args.run_dir,
+        tasks=args.tasks,
+        split=args.split,
+        checkpoint=args.checkpoint,
+        progress=not (args.quiet or args.json),
+        seed=args.seed,
+        eval_lam=args.eval_lam,
+        eval_inner_steps=args.eval_inner_steps,
+        eval_inner_lr=args.eval_inner_lr,
+        data_dir=args.data_dir,
+        device=args.device,
+    )
+    if args.json:
+        print(json.dumps(res))
+    else:
+        scale = 100.0 if res["metric"] == "accuracy" else 1.0
+        print(
+            f"{res['split']} {res['metric']}: {scale * res['mean']:.2f} ± {scale * res['ci95']:.2f} "
+            f"(95% CI over {res['tasks']} tasks)"
+        )
+    return 0
+
+
+def cmd_presets(args) -> int:
+    for name, values in PRESETS.items():
+        cfg = from_preset(name)
+        print(f"{name}:")
+        for k, v in values.items():
+            print(f"  {k:>12} = {v}")
+        print(f"  {'lam':>12} = {cfg.lam_value} (imaml; baselines use 0)")
+        if name in PRESET_NOTES:
+            print(f"  note: {PRESET_NOTES[name]}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .plot import plot_run
+
+    print(plot_run(args.run_dir))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = {"train": cmd_train, "eval": cmd_eval, "presets": cmd_presets, "plot": cmd_plot}[
+        args.command
+    ]
+    try:
+        return handler(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"imaml: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("imaml: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

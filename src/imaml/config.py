@@ -1,0 +1,246 @@
+"""One frozen, validated configuration for a run, and the paper's presets.
+
+The full config is stored in every checkpoint, ``config.json`` and results file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+
+from .algorithms import ALGORITHMS, hyperparameter_names
+from .autodiff import HVP_MODES
+from .inner import VARIANTS
+from .linalg import SOLVERS
+from .solvers import INNER_SOLVERS
+
+TASKS = ("omniglot", "miniimagenet", "sinusoid")
+DEFAULT_LAM = {"imaml": 2.0, "maml": 0.0, "fomaml": 0.0, "reptile": 0.0}
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value or combination."""
+
+
+@dataclass(frozen=True)
+class Config:
+    # what to learn
+    task: str = "omniglot"
+    algo: str = "imaml"
+    n_way: int = 5
+    k_shot: int = 1
+    k_query: int | None = None  # None: same as k_shot (the paper's Q = K)
+    split: str = "paper"  # omniglot: paper | background
+    split_seed: int = 0
+    val_classes: int = 100
+    data_dir: str | None = None
+    # inner problem and meta-gradient (paper symbols)
+    lam: float | None = None  # λ; None: 2.0 for imaml, 0 (no proximal term) for the baselines
+    inner_steps: int = 16
+    inner_lr: float = 0.1
+    inner_solver: str = "gd"
+    variant: str = "paper"
+    cg_steps: int = 5
+    solver: str = "minres"
+    cg_damping: float = 0.0
+    lam_damping: float = 0.0
+    hvp_mode: str = "rev"
+    # outer loop
+    meta_batch: int = 32
+    meta_steps: int = 20000
+    outer_lr: float = 1e-3
+    adam_eps: float = 1e-3
+    seed: int = 0
+    # evaluation: None means "as in training"
+    eval_lam: float | None = None
+    eval_inner_steps: int | None = None
+    eval_inner_lr: float | None = None
+    val_every: int = 500
+    val_tasks: int = 200
+    test_tasks: int = 600
+    # bookkeeping
+    checkpoint_every: int = 100
+    log_every: int = 1
+    device: str = "auto"
+    dtype: str = "float32"
+    threads: int | None = None
+    batched: bool = True
+
+    def __post_init__(self):
+        validate(self)
+
+    @property
+    def queries(self) -> int:
+        return self.k_shot if self.k_query is None else self.k_query
+
+    @property
+    def lam_value(self) -> float:
+        return DEFAULT_LAM[self.algo] if self.lam is None else self.lam
+
+    def replace(self, **changes) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Config:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}; valid keys: {sorted(names)}")
+        return cls(**d)
+
+    def algorithm_kwargs(self) -> dict:
+        """The hyperparameters the chosen algorithm accepts, taken from this config."""
+        values = {
+            "lam": self.lam_value,
+            "inner_steps": self.inner_steps,
+            "inner_lr": self.inner_lr,
+            "inner_solver": self.inner_solver,
+            "variant": self.variant,
+            "cg_steps": self.cg_steps,
+            "solver": self.solver,
+            "cg_damping": self.cg_damping,
+            "lam_damping": self.lam_damping,
+            "hvp_mode": self.hvp_mode,
+            "batched": self.batched,
+        }
+        accepted = set(hyperparameter_names(self.algo))
+        return {k: v for k, v in values.items() if k in accepted}
+
+    def eval_overrides(self) -> dict:
+        return {
+            "lam": self.lam_value if self.eval_lam is None else self.eval_lam,
+            "inner_steps": self.inner_steps
+            if self.eval_inner_steps is None
+            else self.eval_inner_steps,
+            "inner_lr": self.inner_lr if self.eval_inner_lr is None else self.eval_inner_lr,
+        }
+
+
+def _int(cfg, name, minimum):
+    v = getattr(cfg, name)
+    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {v!r}")
+
+
+def _num(cfg, name, *, positive, allow_none=False):
+    v = getattr(cfg, name)
+    if v is None and allow_none:
+        return
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    if not ok or (v <= 0 if positive else v < 0):
+        raise ConfigError(
+            f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {v!r}"
+        )
+
+
+def _choice(cfg, name, options):
+    v = getattr(cfg, name)
+    if v not in options:
+        raise ConfigError(f"unknown {name} {v!r}; choose one of {', '.join(options)}")
+
+
+def validate(cfg: Config) -> None:
+    _choice(cfg, "task", TASKS)
+    _choice(cfg, "algo", tuple(ALGORITHMS))
+    _choice(cfg, "inner_solver", tuple(INNER_SOLVERS))
+    _choice(cfg, "variant", VARIANTS)
+    _choice(cfg, "solver", SOLVERS)
+    _choice(cfg, "hvp_mode", HVP_MODES)
+    _choice(cfg, "dtype", ("float32", "float64"))
+    _choice(cfg, "split", ("paper", "background"))
+    if not (cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda")):
+        raise ConfigError(f"device must be auto, cpu or cuda[:N], got {cfg.device!r}")
+    for name in ("n_way", "k_shot", "meta_batch", "val_every", "checkpoint_every", "log_every"):
+        _int(cfg, name, 1)
+    for name in (
+        "inner_steps",
+        "cg_steps",
+        "meta_steps",
+        "val_tasks",
+        "split_seed",
+        "seed",
+        "val_classes",
+    ):
+        _int(cfg, name, 0)
+    _int(cfg, "test_tasks", 1)
+    if cfg.k_query is not None:
+        _int(cfg, "k_query", 1)
+    if cfg.eval_inner_steps is not None:
+        _int(cfg, "eval_inner_steps", 0)
+    if cfg.threads is not None:
+        _int(cfg, "threads", 1)
+    _num(cfg, "lam", positive=cfg.algo == "imaml", allow_none=True)
+    _num(cfg, "eval_lam", positive=False, allow_none=True)
+    for name in ("inner_lr", "outer_lr", "adam_eps"):
+        _num(cfg, name, positive=True)
+    _num(cfg, "eval_inner_lr", positive=True, allow_none=True)
+    for name in ("cg_damping", "lam_damping"):
+        _num(cfg, name, positive=False)
+    if cfg.task == "omniglot":
+        if cfg.k_shot + cfg.queries > 20:
+            raise ConfigError(
+                f"k_shot + k_query = {cfg.k_shot + cfg.queries} exceeds the 20 "
+                "drawings per Omniglot character"
+            )
+    if cfg.task == "miniimagenet" and cfg.k_shot + cfg.queries > 600:
+        raise ConfigError("k_shot + k_query exceeds the 600 images per Mini-ImageNet class")
+
+
+# The paper's iMAML-GD settings (PAPER.md); each field can be overridden.
+_OMNIGLOT = dict(
+    task="omniglot",
+    inner_lr=0.1,
+    cg_steps=5,
+    meta_batch=32,
+    outer_lr=1e-3,
+    adam_eps=1e-3,
+    meta_steps=20000,
+)
+PRESETS: dict[str, dict] = {
+    "omniglot-5w1s": dict(_OMNIGLOT, n_way=5, k_shot=1, inner_steps=16),
+    "omniglot-5w5s": dict(_OMNIGLOT, n_way=5, k_shot=5, inner_steps=16),
+    "omniglot-20w1s": dict(_OMNIGLOT, n_way=20, k_shot=1, inner_steps=25),
+    "omniglot-20w5s": dict(_OMNIGLOT, n_way=20, k_shot=5, inner_steps=25),
+    "miniimagenet-5w1s": dict(
+        task="miniimagenet",
+        n_way=5,
+        k_shot=1,
+        k_query=15,
+        inner_steps=10,
+        inner_lr=0.01,
+        cg_steps=5,
+        meta_batch=4,
+        outer_lr=1e-3,
+        adam_eps=1e-8,
+        meta_steps=60000,
+    ),
+    "sinusoid": dict(
+        task="sinusoid",
+        n_way=1,
+        k_shot=10,
+        k_query=10,
+        inner_steps=5,
+        inner_lr=0.01,
+        meta_batch=32,
+        outer_lr=1e-3,
+        adam_eps=1e-8,
+        meta_steps=20000,
+        val_every=500,
+        val_tasks=100,
+    ),
+}
+PRESET_NOTES = {
+    "miniimagenet-5w1s": "inner settings follow MAML's Mini-ImageNet protocol (the paper gives "
+    "no iMAML-GD values for it); λ = 2 for imaml",
+    "sinusoid": "MAML's sinusoid protocol (10-shot, 1→40→40→1 MLP)",
+}
+
+
+def from_preset(name: str, **overrides) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return Config.from_dict({**PRESETS[name], **overrides})

@@ -1,0 +1,363 @@
+"""meta_train(cfg, out_dir): the outer loop of Algorithm 1, top to bottom.
+
+Files in the run folder:
+- ``config.json``: the full configuration;
+- ``metrics.jsonl``: one JSON object per logged step (``"kind": "train"``) and per
+  validation (``"kind": "val"``);
+- ``last.pt``: everything needed to resume exactly (parameters, Adam state, step, the
+  task-sampling RNG state, the data split); ``best.pt``: parameters with the best
+  validation score so far;
+- ``learning_curve.png``; ``eval.json`` after the final test evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from .algorithms import make_algorithm
+from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from .config import Config
+from .data import make_task_families
+from .evaluate import evaluate
+
+# Fixed offsets separate the random streams derived from one seed.
+TASK_STREAM, VAL_STREAM, TEST_STREAM = 1_000_003, 2_000_003, 3_000_017
+HIGHER_IS_BETTER = {"accuracy": True, "mse": False, "half_sse": False}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return torch.device(name)
+
+
+def setup_runtime(cfg: Config) -> tuple[torch.device, torch.dtype]:
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # subnormal floats slowed some CPU runs 5-20× (MEASURED.md)
+    return device, getattr(torch, cfg.dtype)
+
+
+def summarize(stats: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Means over the tasks of a meta-batch, plus maxima of the accuracy diagnostics."""
+    out = {}
+    for k, v in stats.items():
+        v = v.detach().double()
+        if k == "negative_curvature":
+            out["negative_curvature_frac"] = v.mean().item()
+            continue
+        out[k] = v.mean().item()
+        if k in ("inner_grad_norm", "solver_residual"):
+            out[k + "_max"] = v.max().item()
+    return out
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop log lines written after ``step`` (by a run that died after its last checkpoint)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError):
+            continue  # a line cut by a crash
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints and returns."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        if hasattr(signal, "SIGTERM") and _in_main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def meta_train(
+    cfg: Config | None,
+    out_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    time_budget_s: float | None = None,
+    max_steps_this_run: int | None = None,
+    final_test: bool = True,
+    tensorboard: bool = False,
+) -> dict:
+    """Meta-train per ``cfg`` into ``out_dir``; returns a summary (and the test result if run).
+
+    ``resume=True`` continues from ``out_dir/last.pt`` with the saved config (``cfg`` may
+    be None; if given, only its ``meta_steps`` is taken, to extend the run). The run stops early, with a checkpoint, after
+    ``time_budget_s`` seconds, ``max_steps_this_run`` steps, or on SIGINT/SIGTERM.
+    """
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    ckpt = None
+    if resume:
+        ckpt = load_checkpoint(last_path)
+        saved = Config.from_dict(ckpt["config"])
+        cfg = saved if cfg is None else saved.replace(meta_steps=cfg.meta_steps)
+    elif last_path.exists():
+        raise ValueError(
+            f"{out} already holds a run (last.pt); pass --resume to continue it "
+            "or choose another --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"output folder {out} is not writable")
+
+    device, dtype = setup_runtime(cfg)
+    families, split_info = make_task_families(cfg, progress=progress)
+    model_gen = torch.Generator().manual_seed(cfg.seed)
+    model = families["train"].make_model(model_gen).to(device=device, dtype=dtype)
+    params = dict(model.named_parameters())
+    alg = make_algorithm(
+        cfg.algo, model=model, loss=families["train"].loss, **cfg.algorithm_kwargs()
+    )
+    opt = torch.optim.Adam(params.values(), lr=cfg.outer_lr, eps=cfg.adam_eps)
+    task_gen = torch.Generator().manual_seed(cfg.seed + TASK_STREAM)
+    metric = families["train"].metric
+    higher = HIGHER_IS_BETTER[metric]
+    best = {"step": None, "mean": None}
+    step = 0
+    if ckpt is not None:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(ckpt["params"][k])
+        opt.load_state_dict(ckpt["optimizer"])
+        task_gen.set_state(ckpt["rng"]["tasks"])
+        step, best = ckpt["step"], ckpt["best"]
+        _trim_metrics(out / "metrics.jsonl", step)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+
+    def state(kind: str) -> dict:
+        s = {
+            "format": FORMAT,
+            "kind": kind,
+            "config": cfg.to_dict(),
+            "step": step,
+            "params": {k: v.detach().cpu() for k, v in params.items()},
+            "split": split_info,
+            "best": best,
+            "torch": str(torch.__version__),
+        }
+        if kind == "last":
+            s["optimizer"] = opt.state_dict()
+            s["rng"] = {"tasks": task_gen.get_state()}
+        return s
+
+    writer = None
+    if tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(out / "tensorboard"))
+        except ImportError as e:
+            raise ValueError(
+                "--tensorboard needs the tensorboard package (pip install tensorboard)"
+            ) from e
+
+    def validate_now() -> dict | None:
+        if families["val"] is None or cfg.val_tasks == 0:
+            return None
+        return evaluate(
+            alg,
+            params,
+            families["val"],
+            num_tasks=cfg.val_tasks,
+            generator=torch.Generator().manual_seed(cfg.seed + VAL_STREAM),
+            batch_size=cfg.meta_batch,
+            overrides=cfg.eval_overrides(),
+            device=device,
+            dtype=dtype,
+        )
+
+    t_start = time.perf_counter()
+    steps_this_run = 0
+    stopped_by = None
+    log = open(out / "metrics.jsonl", "a")
+    try:
+        with (
+            _StopFlag() as stop,
+            tqdm(
+                total=cfg.meta_steps,
+                initial=step,
+                desc=f"{cfg.algo} {cfg.task}",
+                unit="step",
+                disable=not progress,
+                dynamic_ncols=True,
+            ) as bar,
+        ):
+            while step < cfg.meta_steps:
+                t0 = time.perf_counter()
+                batch = (
+                    families["train"]
+                    .sample(cfg.meta_batch, generator=task_gen, dtype=dtype)
+                    .to(device)
+                )
+                grads, stats = alg.meta_grad(params, batch)
+                for k, p in params.items():
+                    p.grad = grads[k]
+                opt.step()
+                step += 1
+                steps_this_run += 1
+                record = summarize(stats)
+                record["step_time"] = time.perf_counter() - t0
+                if step % cfg.log_every == 0 or step == cfg.meta_steps:
+                    log.write(json.dumps({"kind": "train", "step": step, **record}) + "\n")
+                    log.flush()
+                    if writer is not None:
+                        for k, v in record.items():
+                            writer.add_scalar(f"train/{k}", v, step)
+                shown = {"loss": f"{record['query_loss']:.3f}"}
+                if "query_accuracy" in record:
+                    shown["acc"] = f"{record['query_accuracy']:.3f}"
+                if best["mean"] is not None:
+                    shown["val"] = f"{best['mean']:.3f}"
+                bar.set_postfix(shown, refresh=False)
+                bar.update(1)
+                if step % cfg.val_every == 0 or step == cfg.meta_steps:
+                    val = validate_now()
+                    if val is not None:
+                        log.write(json.dumps({"kind": "val", "step": step, **val}) + "\n")
+                        log.flush()
+                        if writer is not None:
+                            writer.add_scalar(f"val/{metric}", val["mean"], step)
+                        better = best["mean"] is None or (
+                            val["mean"] > best["mean"] if higher else val["mean"] < best["mean"]
+                        )
+                        if better:
+                            best = {"step": step, "mean": val["mean"], "ci95": val["ci95"]}
+                            save_checkpoint(best_path, state("best"))
+                elapsed = time.perf_counter() - t_start
+                if stop.signal:
+                    stopped_by = stop.signal
+                elif time_budget_s is not None and elapsed >= time_budget_s:
+                    stopped_by = "time budget"
+                elif max_steps_this_run is not None and steps_this_run >= max_steps_this_run:
+                    stopped_by = "step limit"
+                if stopped_by or step % cfg.checkpoint_every == 0 or step == cfg.meta_steps:
+                    save_checkpoint(last_path, state("last"))
+                if stopped_by:
+                    break
+    finally:
+        log.close()
+        if writer is not None:
+            writer.close()
+    elapsed = time.perf_counter() - t_start
+    summary = {
+        "step": step,
+        "meta_steps": cfg.meta_steps,
+        "seconds": elapsed,
+        "seconds_per_step": elapsed / max(steps_this_run, 1),
+        "stopped_by": stopped_by,
+        "best": best,
+        "out": str(out),
+    }
+    try:
+        from .plot import plot_run
+
+        plot_run(out)
+    except Exception as e:  # a plot must never cost a run its results
+        summary["plot_error"] = str(e)
+    if stopped_by is None and final_test:
+        summary["test"] = evaluate_run(out, progress=progress)
+    return summary
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    *,
+    tasks: int | None = None,
+    split: str = "test",
+    checkpoint: str = "best",
+    progress: bool = False,
+    seed: int | None = None,
+    **eval_overrides,
+) -> dict:
+    """Evaluate a run folder's best (or last) parameters on ``tasks`` tasks; writes eval.json."""
+    run = Path(run_dir)
+    path = run / f"{checkpoint}.pt"
+    if checkpoint == "best" and not path.exists():
+        path = run / "last.pt"
+    ckpt = load_checkpoint(path)
+    cfg = Config.from_dict(ckpt["config"])
+    changes = {k: v for k, v in eval_overrides.items() if v is not None}
+    if changes:
+        cfg = cfg.replace(**changes)
+    device, dtype = setup_runtime(cfg)
+    families, _ = make_task_families(cfg, progress=progress)
+    if families.get(split) is None:
+        raise ValueError(f"this run has no {split!r} split")
+    model = families["train"].make_model().to(device=device, dtype=dtype)
+    params = {k: v.to(device=device, dtype=dtype) for k, v in ckpt["params"].items()}
+    alg = make_algorithm(
+        cfg.algo, model=model, loss=families["train"].loss, **cfg.algorithm_kwargs()
+    )
+    n = cfg.test_tasks if tasks is None else tasks
+    gen = torch.Generator().manual_seed(cfg.seed + TEST_STREAM if seed is None else seed)
+    t0 = time.perf_counter()
+    res = evaluate(
+        alg,
+        params,
+        families[split],
+        num_tasks=n,
+        generator=gen,
+        batch_size=cfg.meta_batch,
+        overrides=cfg.eval_overrides(),
+        device=device,
+        dtype=dtype,
+        progress=progress,
+    )
+    result = {
+        **res,
+        "split": split,
+        "checkpoint": path.name,
+        "checkpoint_step": ckpt["step"],
+        "eval_inner": cfg.eval_overrides(),
+        "seconds": time.perf_counter() - t0,
+        "config": cfg.to_dict(),
+    }
+    if not math.isfinite(result["mean"]):
+        raise ValueError(f"evaluation of {path} gave a non-finite {res['metric']}")
+    tmp = run / ".eval.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, run / "eval.json")
+    return result

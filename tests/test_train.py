@@ -1,0 +1,357 @@
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from imaml.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from imaml.cli import main
+from imaml.config import PRESETS, Config, ConfigError, from_preset
+from imaml.train import evaluate_run, meta_train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sinusoid(**kw):
+    base = dict(
+        meta_steps=6,
+        meta_batch=4,
+        val_every=3,
+        val_tasks=8,
+        test_tasks=10,
+        checkpoint_every=100,
+        threads=1,
+    )
+    return from_preset("sinusoid", **{**base, **kw})
+
+
+def params_of(path):
+    return load_checkpoint(path)["params"]
+
+
+@pytest.mark.parametrize("algo", ["imaml", "maml", "fomaml", "reptile"])
+def test_training_writes_the_run_folder(tmp_path, algo):
+    s = meta_train(sinusoid(algo=algo), tmp_path / "run", progress=False)
+    names = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {
+        "config.json",
+        "metrics.jsonl",
+        "last.pt",
+        "best.pt",
+        "learning_curve.png",
+        "eval.json",
+    } <= names
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in lines if r["kind"] == "val"] == [3, 6]
+    assert s["test"]["metric"] == "mse" and s["test"]["tasks"] == 10
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["algo"] == algo
+    ck = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ck["step"] == 6 and Config.from_dict(ck["config"]).algo == algo
+
+
+@pytest.mark.parametrize("algo", ["imaml", "maml"])
+def test_resume_gives_exactly_the_uninterrupted_parameters(tmp_path, algo):
+    cfg = sinusoid(algo=algo, meta_steps=7)
+    meta_train(cfg, tmp_path / "a", progress=False, final_test=False)
+    s = meta_train(cfg, tmp_path / "b", progress=False, max_steps_this_run=3, final_test=False)
+    assert s["stopped_by"] == "step limit" and s["step"] == 3
+    s = meta_train(cfg, tmp_path / "b", resume=True, progress=False, max_steps_this_run=2)
+    assert s["step"] == 5
+    meta_train(None, tmp_path / "b", resume=True, progress=False, final_test=False)
+    a, b = params_of(tmp_path / "a" / "last.pt"), params_of(tmp_path / "b" / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    la = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    lb = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda lines: [
+        {k: v for k, v in json.loads(x).items() if k != "step_time"} for x in lines
+    ]
+    assert strip(la) == strip(lb)
+
+
+def test_resume_can_extend_the_schedule(tmp_path):
+    meta_train(sinusoid(meta_steps=3), tmp_path / "r", progress=False, final_test=False)
+    s = meta_train(
+        sinusoid(meta_steps=5), tmp_path / "r", resume=True, progress=False, final_test=False
+    )
+    assert s["step"] == 5
+
+
+def test_second_run_into_same_folder_refuses(tmp_path):
+    meta_train(sinusoid(meta_steps=1), tmp_path / "r", progress=False, final_test=False)
+    with pytest.raises(ValueError, match="--resume"):
+        meta_train(sinusoid(meta_steps=1), tmp_path / "r", progress=False)
+
+
+def test_evaluate_run_reports_mean_and_ci(tmp_path):
+    meta_train(sinusoid(), tmp_path / "r", progress=False, final_test=False)
+    r = evaluate_run(tmp_path / "r", tasks=12)
+    assert r["tasks"] == 12 and r["ci95"] > 0 and r["mean"] > 0
+    assert json.loads((tmp_path / "r" / "eval.json").read_text())["mean"] == r["mean"]
+    r0 = evaluate_run(tmp_path / "r", tasks=12, eval_inner_steps=0)
+    assert r0["eval_inner"]["inner_steps"] == 0 and r0["mean"] != r["mean"]
+
+
+# -- checkpoints -------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip(tmp_path):
+    state = {
+        "format": "imaml-checkpoint-v1",
+        "params": {"w": torch.randn(3)},
+        "config": {"a": 1},
+        "step": 4,
+        "rng": {"tasks": torch.Generator().manual_seed(1).get_state()},
+    }
+    save_checkpoint(tmp_path / "c.pt", state)
+    back = load_checkpoint(tmp_path / "c.pt")
+    assert torch.equal(back["params"]["w"], state["params"]["w"]) and back["step"] == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left
+
+
+def test_non_finite_parameters_are_never_saved(tmp_path):
+    save_checkpoint(tmp_path / "c.pt", {"params": {"w": torch.ones(2)}})
+    with pytest.raises(CheckpointError, match="not finite"):
+        save_checkpoint(tmp_path / "c.pt", {"params": {"w": torch.tensor([1.0, float("nan")])}})
+    assert torch.equal(
+        torch.load(tmp_path / "c.pt", weights_only=True)["params"]["w"], torch.ones(2)
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/imaml-pwned",))
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    p = tmp_path / "evil.pt"
+    with open(p, "wb") as f:
+        pickle.dump({"format": "imaml-checkpoint-v1", "x": Evil()}, f)
+    Path("/tmp/imaml-pwned").unlink(missing_ok=True)
+    with pytest.raises(CheckpointError, match="evil.pt"):
+        load_checkpoint(p)
+    assert not Path("/tmp/imaml-pwned").exists()
+
+
+def test_truncated_and_foreign_checkpoints_name_the_file(tmp_path):
+    meta_train(sinusoid(meta_steps=1), tmp_path / "r", progress=False, final_test=False)
+    data = (tmp_path / "r" / "last.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cut.pt"):
+        load_checkpoint(tmp_path / "cut.pt")
+    torch.save({"weights": torch.ones(1)}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="foreign.pt is not an imaml checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+
+
+# -- config --------------------------------------------------------------------------
+
+
+def test_every_preset_is_valid_for_every_algorithm():
+    for name in PRESETS:
+        for algo in ("imaml", "maml", "fomaml", "reptile"):
+            cfg = from_preset(name, algo=algo)
+            assert cfg.lam_value == (2.0 if algo == "imaml" else 0.0)
+
+
+def test_paper_settings_in_omniglot_presets():
+    c = from_preset("omniglot-20w5s")
+    assert (
+        c.n_way,
+        c.k_shot,
+        c.queries,
+        c.inner_steps,
+        c.inner_lr,
+        c.lam_value,
+        c.cg_steps,
+        c.meta_batch,
+        c.outer_lr,
+        c.meta_steps,
+    ) == (20, 5, 5, 25, 0.1, 2.0, 5, 32, 1e-3, 20000)
+    assert from_preset("omniglot-5w1s").inner_steps == 16
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(lam=0.0),
+        dict(lam=-1.0),
+        dict(inner_steps=-1),
+        dict(meta_batch=0),
+        dict(k_shot=15, k_query=6),
+        dict(solver="lu"),
+        dict(algo="sgd"),
+        dict(task="imagenet"),
+        dict(outer_lr=float("nan")),
+        dict(device="tpu"),
+    ],
+)
+def test_invalid_config_values_raise(bad):
+    with pytest.raises(ConfigError):
+        from_preset("omniglot-5w1s", **bad)
+
+
+def test_unknown_keys_and_presets_raise():
+    with pytest.raises(ConfigError, match="unknown config keys"):
+        Config.from_dict({"lamda": 2.0})
+    with pytest.raises(ConfigError, match="unknown preset"):
+        from_preset("omniglot-1w1s")
+
+
+# -- CLI -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["train", "--lam", "0"], "lam must be"),
+        (["train", "--inner-steps", "-2"], "inner_steps must be"),
+        (["train", "--preset", "nope"], "unknown preset"),
+        (["train", "--k-shot", "15", "--k-query", "10"], "exceeds the 20"),
+        (["eval", "/nonexistent/run"], "no checkpoint at /nonexistent/run"),
+        (["train", "--task", "sinusoid", "--time-budget", "0"], "time-budget"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(argv, match, capsys, tmp_path):
+    argv = [a.replace("/nonexistent", str(tmp_path / "none")) for a in argv]
+    match = match.replace("/nonexistent", str(tmp_path / "none"))
+    assert main(argv + (["--out", str(tmp_path / "o")] if argv[0] == "train" else [])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("imaml: error:") and match in err[0]
+
+
+def test_cli_train_then_eval_json(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert (
+        main(
+            [
+                "train",
+                "--task",
+                "sinusoid",
+                "--meta-steps",
+                "4",
+                "--meta-batch",
+                "4",
+                "--val-every",
+                "2",
+                "--val-tasks",
+                "4",
+                "--test-tasks",
+                "8",
+                "--out",
+                out,
+                "--quiet",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
+    assert "test mse" in capsys.readouterr().out
+    assert main(["eval", out, "--tasks", "6", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert {"metric", "mean", "ci95", "tasks", "config"} <= set(r) and r["tasks"] == 6
+    assert r["config"]["task"] == "sinusoid"
+    assert main(["plot", out]) == 0
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in (
+        "--lam",
+        "--cg-steps",
+        "--solver",
+        "--inner-lr",
+        "--meta-batch",
+        "--resume",
+        "--time-budget",
+        "--no-batched",
+    ):
+        assert flag in text
+    assert main(["presets"]) == 0
+    assert "omniglot-20w5s" in capsys.readouterr().out
+
+
+def test_sigterm_checkpoints_and_says_how_to_resume(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "imaml",
+            "train",
+            "--task",
+            "sinusoid",
+            "--meta-steps",
+            "100000",
+            "--meta-batch",
+            "4",
+            "--out",
+            str(out),
+            "--quiet",
+            "--threads",
+            "1",
+            "--val-tasks",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    deadline = time.time() + 60
+    while (
+        not (out / "metrics.jsonl").exists()
+        or not (out / "metrics.jsonl").read_text().count("\n") > 3
+    ):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "stopped by SIGTERM" in stdout and "--resume" in stdout
+    assert load_checkpoint(out / "last.pt")["step"] >= 4
+
+
+REAL = os.environ.get("IMAML_DATA_DIR")
+needs_real = pytest.mark.skipif(
+    not (REAL and (Path(REAL) / "omniglot").is_dir()) and not os.environ.get("IMAML_REQUIRE_DATA"),
+    reason="IMAML_DATA_DIR does not hold the Omniglot release",
+)
+
+
+@needs_real
+@pytest.mark.parametrize("algo", ["imaml", "maml"])
+def test_few_steps_on_real_omniglot_and_exact_resume(tmp_path, algo):
+    cfg = from_preset(
+        "omniglot-5w1s",
+        algo=algo,
+        meta_steps=4,
+        meta_batch=2,
+        inner_steps=3,
+        val_every=2,
+        val_tasks=4,
+        test_tasks=6,
+        threads=2,
+    )
+    s = meta_train(cfg, tmp_path / "a", progress=False)
+    assert 0 <= s["test"]["mean"] <= 1 and s["test"]["metric"] == "accuracy"
+    ck = load_checkpoint(tmp_path / "a" / "last.pt")
+    assert len(ck["split"]["train_classes"]) == 1100 and len(ck["split"]["test_classes"]) == 423
+    assert not set(ck["split"]["train_classes"]) & set(ck["split"]["test_classes"])
+    meta_train(cfg, tmp_path / "b", progress=False, max_steps_this_run=2, final_test=False)
+    meta_train(None, tmp_path / "b", resume=True, progress=False, final_test=False)
+    a, b = params_of(tmp_path / "a" / "last.pt"), params_of(tmp_path / "b" / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
