@@ -4,7 +4,7 @@ For several freshly initialised copies of the paper's Omniglot network (narrowed
 ``--channels`` so that I + H/λ can be formed densely), after 16 inner GD steps on a
 5-way 1-shot task with λ = 2, compare cg / minres / neumann at 1..50 steps with the
 exact solution of (I + H/λ)x = ∇L(φ). float64. Writes
-docs/benchmarks/solver_accuracy.json and .png.
+docs/benchmarks/solver_accuracy_<data>.json and .png.
 
     python benchmarks/solver_accuracy.py [--seeds 6] [--channels 8] [--data random|omniglot]
 """
@@ -32,9 +32,10 @@ STEPS = [1, 2, 5, 10, 20, 50]
 
 def task_data(kind: str, g: torch.Generator, dtype):
     if kind == "omniglot":
-        from imaml.data.omniglot import OmniglotTasks
+        from imaml.data.omniglot import OmniglotTasks, load_omniglot, make_split
 
-        tasks = OmniglotTasks(n_way=5, k_shot=1, k_query=1, split="train")
+        data = load_omniglot(progress=False)
+        tasks = OmniglotTasks(data, make_split(data)["train"], n_way=5, k_shot=1, k_query=1)
         b = tasks.sample(1, generator=g).task(0)
         return b.support_x.to(dtype), b.support_y, b.query_x.to(dtype), b.query_y
     x = lambda: torch.rand(5, 1, 28, 28, dtype=dtype, generator=g)
@@ -91,12 +92,12 @@ def main(argv=None) -> int:
         "config": vars(args) | {"steps": STEPS, "inner_steps": 16, "torch": torch.__version__},
         "rows": rows,
     }
-    (OUT / "solver_accuracy.json").write_text(json.dumps(result, indent=1))
-    plot(rows)
+    (OUT / f"solver_accuracy_{args.data}.json").write_text(json.dumps(result, indent=1))
+    plot(rows, OUT / f"solver_accuracy_{args.data}.png")
     return 0
 
 
-def plot(rows):
+def plot(rows, path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,7 +127,7 @@ def plot(rows):
         ax.legend()
     axes[0].set_ylabel("relative error vs dense solve (clipped at 10)")
     fig.tight_layout()
-    fig.savefig(OUT / "solver_accuracy.png", dpi=110)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 import pytest
 import torch
-from conftest import rel
 from torch.func import grad
 
 from imaml import ALGORITHMS, TaskBatch, adapt, make_algorithm
 from imaml.data.linear import LinearRegressionTasks, exact_meta_grad
 from imaml.data.sinusoid import SinusoidTasks
 from imaml.models import OmniglotConvNet
+
+from conftest import rel
 
 
 def sinusoid_setup(T=3, seed=0):

@@ -1,11 +1,12 @@
 import pytest
 import torch
-from conftest import rel
 from torch.func import functional_call
 
 from imaml.autodiff import hvp, linearize_grad
 from imaml.models import MLP, OmniglotConvNet, cross_entropy
 from imaml.params import ravel
+
+from conftest import rel
 
 
 def dense_hessian(f, params):

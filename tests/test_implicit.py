@@ -1,11 +1,12 @@
 import pytest
 import torch
-from conftest import rel
 
 from imaml import implicit_meta_grad
 from imaml.algorithms import TaskBatch
 from imaml.data.linear import LinearRegressionTasks, inner_solution
 from imaml.params import ravel
+
+from conftest import rel
 
 
 def quadratic(seed=0):

@@ -1,8 +1,9 @@
 import pytest
 import torch
-from conftest import rel
 
 from imaml.linalg import cg, dense_matrix, exact, minres, neumann, solve
+
+from conftest import rel
 
 
 def spd(n, cond, seed):

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omniglot_fixture import SMALL, make_release, png_bytes, release_files, write_zip
 
 from imaml.data.omniglot import (
     DataError,
@@ -17,6 +16,8 @@ from imaml.data.omniglot import (
     load_omniglot,
     make_split,
 )
+
+from omniglot_fixture import SMALL, make_release, png_bytes, release_files, write_zip
 
 
 @pytest.fixture(autouse=True)

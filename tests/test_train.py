@@ -333,7 +333,7 @@ needs_real = pytest.mark.skipif(
 
 
 @needs_real
-@pytest.mark.parametrize("algo", ["imaml", "maml"])
+@pytest.mark.parametrize("algo", ["imaml", "maml", "fomaml", "reptile"])
 def test_few_steps_on_real_omniglot_and_exact_resume(tmp_path, algo):
     cfg = from_preset(
         "omniglot-5w1s",
@@ -355,3 +355,23 @@ def test_few_steps_on_real_omniglot_and_exact_resume(tmp_path, algo):
     meta_train(None, tmp_path / "b", resume=True, progress=False, final_test=False)
     a, b = params_of(tmp_path / "a" / "last.pt"), params_of(tmp_path / "b" / "last.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_miniimagenet_trains_through_the_same_path(tmp_path):
+    from test_miniimagenet import write_csv_copy
+
+    root = write_csv_copy(tmp_path / "data", classes=5, per_class=4)
+    cfg = from_preset(
+        "miniimagenet-5w1s",
+        data_dir=str(root),
+        meta_steps=2,
+        meta_batch=2,
+        k_query=2,
+        inner_steps=1,
+        val_every=2,
+        val_tasks=2,
+        test_tasks=2,
+        threads=1,
+    )
+    s = meta_train(cfg, tmp_path / "run", progress=False)
+    assert s["step"] == 2 and 0 <= s["test"]["mean"] <= 1

@@ -1,0 +1,58 @@
+"""Shared helpers for the benchmark scripts: timing, peak memory, JSON output."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import platform
+import resource
+import statistics
+import time
+
+import torch
+
+OUT = pathlib.Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
+
+
+def timeit(fn, *, repeats: int, warmup: int = 1) -> dict:
+    """Median and spread of wall-clock seconds over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    return {
+        "median_s": statistics.median(ts),
+        "min_s": min(ts),
+        "max_s": max(ts),
+        "repeats": repeats,
+    }
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def machine() -> dict:
+    return {
+        "torch": str(torch.__version__),
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def write(name: str, payload: dict) -> pathlib.Path:
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **payload}, indent=1))
+    print(f"wrote {path}")
+    return path
