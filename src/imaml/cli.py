@@ -23,7 +23,10 @@ HELP = {
     "lam": "λ, strength of the proximal term (λ/2)‖φ−θ‖²; default 2 for imaml, 0 for baselines",
     "inner_steps": "inner optimiser steps per task",
     "inner_lr": "inner optimiser step size α",
-    "inner_solver": "inner optimiser: gd",
+    "inner_solver": "inner optimiser: gd, momentum, adam, newton_cg (the paper's Hessian-free), lbfgs",
+    "inner_tol": "stop a task's inner loop once ‖∇G(φ)‖ ≤ this (0: always run --inner-steps)",
+    "inner_cg_steps": "CG steps per Newton direction for --inner-solver newton_cg (paper: 5)",
+    "learn_lam": "learn λ (imaml): none, scalar, or per_tensor (one λ per parameter tensor)",
     "variant": "inner loop: paper (proximal term in every step) or reference_code "
     "(the authors' release: plain steps, then one proximal pull-back)",
     "cg_steps": "steps of the meta-gradient linear solver (Hessian-vector products per task)",

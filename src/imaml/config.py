@@ -41,11 +41,14 @@ class Config:
     inner_lr: float = 0.1
     inner_solver: str = "gd"
     variant: str = "paper"
+    inner_tol: float = 0.0  # stop a task's inner loop once ‖∇G(φ)‖ ≤ inner_tol (0: never early)
+    inner_cg_steps: int = 5  # CG steps per Newton direction (inner_solver newton_cg)
     cg_steps: int = 5
     solver: str = "minres"
     cg_damping: float = 0.0
     lam_damping: float = 0.0
     hvp_mode: str = "rev"
+    learn_lam: str = "none"  # none | scalar | per_tensor (imaml)
     # outer loop
     meta_batch: int = 32
     meta_steps: int = 20000
@@ -106,18 +109,21 @@ class Config:
             "lam_damping": self.lam_damping,
             "hvp_mode": self.hvp_mode,
             "batched": self.batched,
+            "inner_tol": self.inner_tol,
+            "inner_options": {"cg_steps": self.inner_cg_steps},
+            "learn_lam": self.learn_lam,
         }
         accepted = set(hyperparameter_names(self.algo))
         return {k: v for k, v in values.items() if k in accepted}
 
     def eval_overrides(self) -> dict:
-        return {
-            "lam": self.lam_value if self.eval_lam is None else self.eval_lam,
-            "inner_steps": self.inner_steps
-            if self.eval_inner_steps is None
-            else self.eval_inner_steps,
-            "inner_lr": self.inner_lr if self.eval_inner_lr is None else self.eval_inner_lr,
+        """Inner-loop settings evaluation changes; the rest (λ too, learned or not) as trained."""
+        out = {
+            "lam": self.eval_lam,
+            "inner_steps": self.eval_inner_steps,
+            "inner_lr": self.eval_inner_lr,
         }
+        return {k: v for k, v in out.items() if v is not None}
 
 
 def _int(cfg, name, minimum):
@@ -150,6 +156,9 @@ def validate(cfg: Config) -> None:
     _choice(cfg, "variant", VARIANTS)
     _choice(cfg, "solver", SOLVERS)
     _choice(cfg, "hvp_mode", HVP_MODES)
+    _choice(cfg, "learn_lam", ("none", "scalar", "per_tensor"))
+    if cfg.learn_lam != "none" and cfg.algo != "imaml":
+        raise ConfigError(f"learn_lam is an imaml option; {cfg.algo} has no λ to learn")
     _choice(cfg, "dtype", ("float32", "float64"))
     _choice(cfg, "split", ("paper", "background"))
     if not (cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda")):
@@ -159,6 +168,7 @@ def validate(cfg: Config) -> None:
     for name in (
         "inner_steps",
         "cg_steps",
+        "inner_cg_steps",
         "meta_steps",
         "val_tasks",
         "split_seed",
@@ -178,7 +188,7 @@ def validate(cfg: Config) -> None:
     for name in ("inner_lr", "outer_lr", "adam_eps"):
         _num(cfg, name, positive=True)
     _num(cfg, "eval_inner_lr", positive=True, allow_none=True)
-    for name in ("cg_damping", "lam_damping"):
+    for name in ("cg_damping", "lam_damping", "inner_tol"):
         _num(cfg, name, positive=False)
     if cfg.task == "omniglot":
         if cfg.k_shot + cfg.queries > 20:
@@ -205,6 +215,17 @@ PRESETS: dict[str, dict] = {
     "omniglot-5w5s": dict(_OMNIGLOT, n_way=5, k_shot=5, inner_steps=16),
     "omniglot-20w1s": dict(_OMNIGLOT, n_way=20, k_shot=1, inner_steps=25),
     "omniglot-20w5s": dict(_OMNIGLOT, n_way=20, k_shot=5, inner_steps=25),
+    **{
+        f"{name}-hf": dict(
+            values, inner_solver="newton_cg", inner_steps=5, inner_lr=1.0, inner_cg_steps=5
+        )
+        for name, values in (
+            ("omniglot-5w1s", dict(_OMNIGLOT, n_way=5, k_shot=1)),
+            ("omniglot-5w5s", dict(_OMNIGLOT, n_way=5, k_shot=5)),
+            ("omniglot-20w1s", dict(_OMNIGLOT, n_way=20, k_shot=1)),
+            ("omniglot-20w5s", dict(_OMNIGLOT, n_way=20, k_shot=5)),
+        )
+    },
     "miniimagenet-5w1s": dict(
         task="miniimagenet",
         n_way=5,
@@ -234,6 +255,11 @@ PRESETS: dict[str, dict] = {
     ),
 }
 PRESET_NOTES = {
+    **{
+        f"omniglot-{s}-hf": "iMAML-HF: Newton-CG inner solver (5 CG steps per direction, Armijo line "
+        "search from step 1); the paper does not state the number of Newton iterations, 5 is ours"
+        for s in ("5w1s", "5w5s", "20w1s", "20w5s")
+    },
     "miniimagenet-5w1s": "inner settings follow MAML's Mini-ImageNet protocol (the paper gives "
     "no iMAML-GD values for it); λ = 2 for imaml",
     "sinusoid": "MAML's sinusoid protocol (10-shot, 1→40→40→1 MLP)",

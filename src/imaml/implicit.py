@@ -10,7 +10,7 @@ found by a matrix-free solver on Hessian-vector products of L̂.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -22,18 +22,27 @@ from .params import Params, check_same_structure
 
 
 def implicit_operator(
-    hvp: Callable[[Params], Params],
-    *,
-    lam: float,
-    cg_damping: float = 0.0,
-    lam_damping: float = 0.0,
+    hvp: Callable[[Params], Params], *, lam, cg_damping: float = 0.0, lam_damping: float = 0.0
 ) -> Callable[[Params], Params]:
-    """v ↦ (1 + cg_damping)·v + H·v / (λ + lam_damping); the paper's I + H/λ at zero damping.
+    """The iMAML operator; the only place it is written.
 
-    With cg_damping = 1 and lam_damping = 10 this is the operator of the authors'
-    released code (2I + H/12 at λ = 2).
+    Scalar λ: v ↦ (1 + cg_damping)·v + H·v / (λ + lam_damping), the paper's I + H/λ at
+    zero damping (with cg_damping = 1, lam_damping = 10 it is the authors' released code's
+    2I + H/12 at λ = 2).
+
+    One λ_k per parameter tensor (a dict): v ↦ (1 + cg_damping)·v + S·H·S·v with
+    S = diag((λ_k + lam_damping)^(−1/2)), the symmetric form of I + Λ⁻¹H (see
+    ``solve_implicit``); for equal λ_k it solves the same system as the scalar form.
     """
     c = 1.0 + cg_damping
+    if isinstance(lam, Mapping):
+        s = {k: (lam[k] + lam_damping) ** -0.5 for k in lam}
+
+        def matvec(v: Params) -> Params:
+            Hv = hvp({k: s[k] * v[k] for k in v})
+            return {k: c * v[k] + s[k] * Hv[k] for k in v}
+
+        return matvec
     d = lam + lam_damping
 
     def matvec(v: Params) -> Params:
@@ -48,7 +57,7 @@ def solve_implicit(
     query_grad: Params,
     phi: Params,
     *,
-    lam: float,
+    lam,
     solver: str,
     steps: int,
     tol: float = 0.0,
@@ -56,15 +65,35 @@ def solve_implicit(
     lam_damping: float = 0.0,
     hvp_mode: str = "rev",
 ) -> tuple[Params, dict[str, Tensor], Params]:
-    """Solve (I + H/λ)·g = ∇L(φ) (damped as in ``implicit_operator``).
+    """The task meta-gradient g = Λ(H + Λ)⁻¹∇L(φ) (= (I + H/λ)⁻¹∇L(φ) for a scalar λ).
 
-    Returns (g, solver diagnostics, ∇L̂(φ)). No checks: this is the hot path, run
-    under vmap by the algorithms.
+    For one λ_k per tensor it solves (I + SHS)·w = S·∇L with S = Λ^(−1/2) and returns
+    g = S⁻¹w. Returns (g, solver diagnostics, ∇L̂(φ)). No checks: this is the hot path,
+    run under vmap by the algorithms.
     """
     support_grad, hvp = linearize_grad(support_loss, phi, mode=hvp_mode)
     A = implicit_operator(hvp, lam=lam, cg_damping=cg_damping, lam_damping=lam_damping)
+    if isinstance(lam, Mapping):
+        s = {k: (lam[k] + lam_damping) ** -0.5 for k in lam}
+        w, info = solve(
+            A, {k: s[k] * query_grad[k] for k in query_grad}, method=solver, steps=steps, tol=tol
+        )
+        return {k: w[k] / s[k] for k in w}, info, support_grad
     g, info = solve(A, query_grad, method=solver, steps=steps, tol=tol)
     return g, info, support_grad
+
+
+def lam_gradient(g: Params, support_grad: Params, lam) -> Tensor | dict[str, Tensor]:
+    """dL(φ*)/d log λ from the task meta-gradient g and ∇L̂(φ*).
+
+    Differentiating the stationarity condition ∇L̂(φ*) + Λ(φ* − θ) = 0 in λ_k gives
+    dL/dλ_k = g_kᵀ∇L̂_k(φ*) / λ_k²; for a scalar λ, dL/dλ = gᵀ∇L̂(φ*)/λ² (the paper's
+    formula). Returned in log-space, d/d log λ = λ·d/dλ: a scalar tensor for a scalar λ,
+    a dict (one entry per tensor) for a dict λ.
+    """
+    if isinstance(lam, Mapping):
+        return {k: (g[k] * support_grad[k]).sum() / lam[k] for k in g}
+    return sum((g[k] * support_grad[k]).sum() for k in g) / lam
 
 
 def _is_transformed(t: Tensor) -> bool:

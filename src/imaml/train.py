@@ -58,7 +58,7 @@ def summarize(stats: dict[str, torch.Tensor]) -> dict[str, float]:
             out["negative_curvature_frac"] = v.mean().item()
             continue
         out[k] = v.mean().item()
-        if k in ("inner_grad_norm", "solver_residual"):
+        if k in ("inner_grad_norm", "solver_residual", "inner_iterations"):
             out[k + "_max"] = v.max().item()
     return out
 
@@ -147,10 +147,10 @@ def meta_train(
     families, split_info = make_task_families(cfg, progress=progress)
     model_gen = torch.Generator().manual_seed(cfg.seed)
     model = families["train"].make_model(model_gen).to(device=device, dtype=dtype)
-    params = dict(model.named_parameters())
     alg = make_algorithm(
         cfg.algo, model=model, loss=families["train"].loss, **cfg.algorithm_kwargs()
     )
+    params = alg.meta_parameters(dict(model.named_parameters()))  # with log λ when learned
     opt = torch.optim.Adam(params.values(), lr=cfg.outer_lr, eps=cfg.adam_eps)
     task_gen = torch.Generator().manual_seed(cfg.seed + TASK_STREAM)
     metric = families["train"].metric
@@ -302,6 +302,17 @@ def meta_train(
     return summary
 
 
+def _inner_record(alg, params, overrides: dict) -> dict:
+    """The inner-loop settings evaluation used, with λ as a number (learned or fixed)."""
+    settings = alg.inner_settings(**overrides)
+    lam = overrides.get("lam", alg.split_meta(params)[1])
+    if isinstance(lam, dict):
+        lam = {k: float(v) for k, v in lam.items()}
+    settings["lam"] = float(lam) if not isinstance(lam, dict) else lam
+    settings["solver"] = settings["solver"] if isinstance(settings["solver"], str) else "custom"
+    return settings
+
+
 def evaluate_run(
     run_dir: str | os.PathLike,
     *,
@@ -351,7 +362,7 @@ def evaluate_run(
         "split": split,
         "checkpoint": path.name,
         "checkpoint_step": ckpt["step"],
-        "eval_inner": cfg.eval_overrides(),
+        "eval_inner": _inner_record(alg, params, cfg.eval_overrides()),
         "seconds": time.perf_counter() - t0,
         "config": cfg.to_dict(),
     }

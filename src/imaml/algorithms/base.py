@@ -71,6 +71,8 @@ class MetaAlgorithm:
         inner_lr: float = 0.1,
         inner_solver: str | Callable = "gd",
         variant: str = "paper",
+        inner_tol: float = 0.0,
+        inner_options: dict | None = None,
         batched: bool = True,
     ):
         if not isinstance(model, nn.Module):
@@ -81,6 +83,9 @@ class MetaAlgorithm:
         _check_int("inner_steps", inner_steps)
         _check_float("inner_lr", inner_lr, positive=True)
         get_inner_solver(inner_solver)
+        _check_float("inner_tol", inner_tol, positive=False)
+        if inner_options is not None and not isinstance(inner_options, dict):
+            raise ValueError(f"inner_options must be a dict, got {type(inner_options).__name__}")
         if variant not in VARIANTS:
             raise ValueError(f"unknown inner-loop variant {variant!r}; choose one of {VARIANTS}")
         self.model = model
@@ -90,6 +95,8 @@ class MetaAlgorithm:
         self.inner_lr = float(inner_lr)
         self.inner_solver = inner_solver
         self.variant = variant
+        self.inner_tol = float(inner_tol)
+        self.inner_options = dict(inner_options or {})
         self.batched = bool(batched)
         self._loss_fn = LOSSES[loss]
 
@@ -105,22 +112,43 @@ class MetaAlgorithm:
     def classification(self) -> bool:
         return self.loss == "cross_entropy"
 
+    # -- meta-parameters beyond the network's (learned λ) ---------------------------
+    def meta_parameters(self, model_params: Params) -> Params:
+        """The dict of everything the outer optimiser updates; the network's parameters here."""
+        return model_params
+
+    def split_meta(self, theta: Params) -> tuple[Params, object]:
+        """(network parameters, λ to use): a fixed λ here; learned λ in iMAML."""
+        return theta, self.lam
+
     # -- the shared inner loop ------------------------------------------------------
-    def adapt(self, theta: Params, sx: Tensor, sy: Tensor, **overrides) -> Params:
-        """φ from the shared inner loop with this algorithm's settings (or ``overrides``)."""
+    def inner_settings(self, **overrides) -> dict:
         hp = {
-            "lam": self.lam,
             "inner_steps": self.inner_steps,
             "inner_lr": self.inner_lr,
             "solver": self.inner_solver,
             "variant": self.variant,
+            "tol": self.inner_tol,
+            "options": self.inner_options,
         }
         hp.update(overrides)
-        return adapt(self.loss_of(sx, sy), theta, **hp)
+        return hp
+
+    def adapt_with_info(self, theta: Params, sx: Tensor, sy: Tensor, **overrides):
+        """(φ, info) from the shared inner loop with this algorithm's settings or ``overrides``."""
+        model_params, lam = self.split_meta(theta)
+        hp = self.inner_settings(**overrides)
+        hp.setdefault("lam", lam)
+        return adapt(self.loss_of(sx, sy), model_params, return_info=True, **hp)
+
+    def adapt(self, theta: Params, sx: Tensor, sy: Tensor, **overrides) -> Params:
+        """φ from the shared inner loop (training and evaluation alike)."""
+        return self.adapt_with_info(theta, sx, sy, **overrides)[0]
 
     def inner_grad_norm(self, theta: Params, phi: Params, sx: Tensor, sy: Tensor) -> Tensor:
         """‖∇G(φ)‖ with G(φ) = L̂(φ) + (λ/2)‖φ − θ‖²: how far the inner problem is from solved."""
-        G = proximal_objective(self.loss_of(sx, sy), theta, lam=self.lam)
+        model_params, lam = self.split_meta(theta)
+        G = proximal_objective(self.loss_of(sx, sy), model_params, lam=lam)
         return norm(grad(G)(phi))
 
     def query_stats(self, phi: Params, sx, sy, qx, qy) -> dict[str, Tensor]:
@@ -147,7 +175,7 @@ class MetaAlgorithm:
             stats = {k: torch.stack([o[1][k] for o in outs]) for k in outs[0][1]}
         bad = ~torch.isfinite(stats["query_loss"]) | ~torch.isfinite(stats["support_loss"])
         for v in g.values():
-            bad |= ~torch.isfinite(v.flatten(1)).all(1)
+            bad |= ~torch.isfinite(v.reshape(v.shape[0], -1)).all(1)
         if bool(bad.any()):
             tasks = bad.nonzero().flatten().tolist()
             raise ValueError(
@@ -163,6 +191,8 @@ class MetaAlgorithm:
             "inner_lr": self.inner_lr,
             "inner_solver": self.inner_solver if isinstance(self.inner_solver, str) else "custom",
             "variant": self.variant,
+            "inner_tol": self.inner_tol,
+            "inner_options": self.inner_options,
             "loss": self.loss,
             "batched": self.batched,
         }

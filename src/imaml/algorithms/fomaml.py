@@ -13,32 +13,10 @@ class FOMAML(MetaAlgorithm):
 
     name = "fomaml"
 
-    def __init__(
-        self,
-        *,
-        model,
-        loss="cross_entropy",
-        lam: float = 0.0,
-        inner_steps: int = 16,
-        inner_lr: float = 0.1,
-        inner_solver="gd",
-        variant: str = "paper",
-        batched: bool = True,
-    ):
-        super().__init__(
-            model=model,
-            loss=loss,
-            lam=lam,
-            inner_steps=inner_steps,
-            inner_lr=inner_lr,
-            inner_solver=inner_solver,
-            variant=variant,
-            batched=batched,
-        )
-
     def task_meta_grad(self, theta, sx, sy, qx, qy):
-        phi = self.adapt(theta, sx, sy)
+        phi, info = self.adapt_with_info(theta, sx, sy)
         g = grad(self.loss_of(qx, qy))(phi)
         stats = self.query_stats(phi, sx, sy, qx, qy)
         stats["inner_grad_norm"] = self.inner_grad_norm(theta, phi, sx, sy)
+        stats["inner_iterations"] = info["iterations"]
         return g, stats

@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch.func import grad_and_value
 
 from ..autodiff import HVP_MODES
-from ..implicit import check_hyperparameters, solve_implicit
-from ..params import norm
+from ..implicit import check_hyperparameters, lam_gradient, solve_implicit
+from ..params import Params, norm
 from .base import MetaAlgorithm, _check_float
 
 DEFAULT_SOLVER = "minres"  # sound on indefinite I + H/λ; see benchmarks/solver_accuracy.py
+LEARN_LAM = ("none", "scalar", "per_tensor")
+LOG_LAM = "log_lam"  # key of a learned scalar log λ; per tensor: "log_lam:<parameter name>"
 
 
 class IMAML(MetaAlgorithm):
     """Implicit MAML (Algorithms 1 and 2 of the paper).
 
-    The inner loop minimises L̂(φ) + (λ/2)‖φ − θ‖² (``adapt``); the meta-gradient is
-    never backpropagated through it, so memory does not grow with ``inner_steps``.
-    ``solver``/``cg_steps``/``cg_tol`` choose the linear solve of (I + H/λ)g = ∇L(φ);
-    ``cg_damping``/``lam_damping`` give (1 + cg_damping)I + H/(λ + lam_damping)
-    (the authors' release: 1.0 and 10.0).
+    The inner loop minimises L̂(φ) + (λ/2)‖φ − θ‖² (``adapt``, any inner solver); the
+    meta-gradient is never backpropagated through it, so memory does not grow with
+    ``inner_steps``. ``solver``/``cg_steps``/``cg_tol`` choose the linear solve of
+    (I + H/λ)g = ∇L(φ); ``cg_damping``/``lam_damping`` give (1 + cg_damping)I +
+    H/(λ + lam_damping) (the authors' release: 1.0 and 10.0).
+
+    ``learn_lam="scalar"`` or ``"per_tensor"`` makes λ a meta-parameter, learned through
+    log λ (``meta_parameters`` adds it, initialised at ``lam``) with the exact derivative
+    dL/dλ_k = g_kᵀ∇L̂_k(φ)/λ_k² (``imaml.implicit.lam_gradient``).
     """
 
     name = "imaml"
@@ -34,12 +43,15 @@ class IMAML(MetaAlgorithm):
         inner_lr: float = 0.1,
         inner_solver="gd",
         variant: str = "paper",
+        inner_tol: float = 0.0,
+        inner_options: dict | None = None,
         cg_steps: int = 5,
         cg_tol: float = 0.0,
         solver: str = DEFAULT_SOLVER,
         cg_damping: float = 0.0,
         lam_damping: float = 0.0,
         hvp_mode: str = "rev",
+        learn_lam: str = "none",
         batched: bool = True,
     ):
         super().__init__(
@@ -50,6 +62,8 @@ class IMAML(MetaAlgorithm):
             inner_lr=inner_lr,
             inner_solver=inner_solver,
             variant=variant,
+            inner_tol=inner_tol,
+            inner_options=inner_options,
             batched=batched,
         )
         check_hyperparameters(lam=lam, steps=cg_steps, solver=solver)
@@ -58,16 +72,45 @@ class IMAML(MetaAlgorithm):
         _check_float("lam_damping", lam_damping, positive=False)
         if hvp_mode not in HVP_MODES:
             raise ValueError(f"unknown hvp_mode {hvp_mode!r}; choose one of {HVP_MODES}")
+        if learn_lam not in LEARN_LAM:
+            raise ValueError(f"unknown learn_lam {learn_lam!r}; choose one of {LEARN_LAM}")
+        if learn_lam != "none" and (cg_damping or lam_damping):
+            raise ValueError(
+                "learn_lam needs the paper's operator: set cg_damping = lam_damping = 0"
+            )
         self.cg_steps = cg_steps
         self.cg_tol = float(cg_tol)
         self.solver = solver
         self.cg_damping = float(cg_damping)
         self.lam_damping = float(lam_damping)
         self.hvp_mode = hvp_mode
+        self.learn_lam = learn_lam
 
+    # -- λ as a meta-parameter ------------------------------------------------------
+    def meta_parameters(self, model_params: Params) -> Params:
+        if self.learn_lam == "none":
+            return model_params
+        ref = next(iter(model_params.values()))
+        init = lambda: torch.full(
+            (), math.log(self.lam), dtype=ref.dtype, device=ref.device, requires_grad=True
+        )
+        if self.learn_lam == "scalar":
+            return {**model_params, LOG_LAM: init()}
+        return {**model_params, **{f"{LOG_LAM}:{k}": init() for k in model_params}}
+
+    def split_meta(self, theta: Params):
+        if self.learn_lam == "none":
+            return theta, self.lam
+        model = {k: v for k, v in theta.items() if not k.startswith(LOG_LAM)}
+        if self.learn_lam == "scalar":
+            return model, torch.exp(theta[LOG_LAM])
+        return model, {k: torch.exp(theta[f"{LOG_LAM}:{k}"]) for k in model}
+
+    # -- the meta-gradient ----------------------------------------------------------
     def task_meta_grad(self, theta, sx, sy, qx, qy):
+        model_theta, lam = self.split_meta(theta)
         support_loss = self.loss_of(sx, sy)
-        phi = self.adapt(theta, sx, sy)
+        phi, inner = self.adapt_with_info(theta, sx, sy)
 
         # v = ∇L(φ), the query gradient at the inner solution.
         def query(p):
@@ -79,7 +122,7 @@ class IMAML(MetaAlgorithm):
             support_loss,
             v,
             phi,
-            lam=self.lam,
+            lam=lam,
             solver=self.solver,
             steps=self.cg_steps,
             tol=self.cg_tol,
@@ -87,17 +130,26 @@ class IMAML(MetaAlgorithm):
             lam_damping=self.lam_damping,
             hvp_mode=self.hvp_mode,
         )
-        # ∇G(φ) = ∇L̂(φ) + λ(φ − θ), zero at the exact inner solution.
-        grad_G = {k: support_grad[k] + self.lam * (phi[k] - theta[k]) for k in phi}
+        # ∇G(φ) = ∇L̂(φ) + Λ(φ − θ), zero at the exact inner solution.
+        lam_k = lambda k: lam[k] if isinstance(lam, dict) else lam
+        grad_G = {k: support_grad[k] + lam_k(k) * (phi[k] - model_theta[k]) for k in phi}
         stats = {
             "support_loss": support_loss(phi),
             "query_loss": q_loss,
             "inner_grad_norm": norm(grad_G),
+            "inner_iterations": inner["iterations"],
             "solver_residual": info["residual"],
             "solver_iterations": info["iterations"],
             "negative_curvature": info["negative_curvature"],
             **q_metrics,
         }
+        if self.learn_lam == "scalar":
+            g[LOG_LAM] = lam_gradient(g, support_grad, lam)
+            stats["lam"] = lam * torch.ones_like(q_loss)
+        elif self.learn_lam == "per_tensor":
+            glog = lam_gradient(g, support_grad, lam)
+            g.update({f"{LOG_LAM}:{k}": glog[k] for k in glog})
+            stats["lam"] = sum(lam.values()) / len(lam) * torch.ones_like(q_loss)
         return g, stats
 
     def hyperparameters(self) -> dict:
@@ -109,4 +161,5 @@ class IMAML(MetaAlgorithm):
             "cg_damping": self.cg_damping,
             "lam_damping": self.lam_damping,
             "hvp_mode": self.hvp_mode,
+            "learn_lam": self.learn_lam,
         }

@@ -1,18 +1,32 @@
 """Inner optimisers: each minimises an objective G(φ) from a starting point.
 
-Signature shared by all: ``solver(objective, phi0, *, steps, lr) -> phi`` where
-``objective`` maps a parameter dict to a scalar tensor. Solvers are pure, take a fixed
-number of steps (so they run under ``torch.func.vmap``), and are differentiable when
-their inputs are (which MAML uses; iMAML never differentiates through them).
+Shared signature: ``solver(objective, phi0, *, steps, lr, tol=0.0, **options) -> (phi, info)``
+where ``objective`` maps a parameter dict to a scalar tensor and ``info`` holds 0-dim
+tensors ``iterations`` (steps actually taken) and ``grad_norm`` (‖∇G‖ at the last point
+where it was evaluated). A task stops early once ‖∇G(φ)‖ ≤ ``tol``: because G is
+λ-strongly convex in the proximal term's direction, this bounds the inner error δ of
+Algorithm 2 (‖φ − φ*‖ ≤ tol/λ when G is λ-strongly convex). Stopping is a per-task
+mask, not a Python branch, so every solver runs unchanged under ``torch.func.vmap``, and
+every solver is differentiable when its inputs are (MAML uses that; iMAML never
+differentiates through a solver).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from .gd import gd
+from .adam import adam
+from .gd import gd, momentum
+from .lbfgs import lbfgs
+from .newton_cg import newton_cg
 
-INNER_SOLVERS: dict[str, Callable] = {"gd": gd}
+INNER_SOLVERS: dict[str, Callable] = {
+    "gd": gd,
+    "momentum": momentum,
+    "adam": adam,
+    "newton_cg": newton_cg,
+    "lbfgs": lbfgs,
+}
 
 
 def get_inner_solver(name_or_fn: str | Callable) -> Callable:
@@ -26,4 +40,4 @@ def get_inner_solver(name_or_fn: str | Callable) -> Callable:
         ) from None
 
 
-__all__ = ["INNER_SOLVERS", "get_inner_solver", "gd"]
+__all__ = ["INNER_SOLVERS", "adam", "gd", "get_inner_solver", "lbfgs", "momentum", "newton_cg"]

@@ -1,4 +1,4 @@
-"""Plain gradient descent: φ ← φ − α∇G(φ)."""
+"""Gradient descent, φ ← φ − α∇G(φ), and heavy-ball / Nesterov momentum."""
 
 from __future__ import annotations
 
@@ -7,13 +7,53 @@ from collections.abc import Callable
 from torch import Tensor
 from torch.func import grad
 
-from ..params import Params, add
+from ..params import Params
+from ._common import all_stopped, start, still_active, where
 
 
-def gd(objective: Callable[[Params], Tensor], phi0: Params, *, steps: int, lr: float) -> Params:
-    """``steps`` gradient-descent steps of size ``lr`` on ``objective`` from ``phi0``."""
+def gd(
+    objective: Callable[[Params], Tensor], phi0: Params, *, steps: int, lr: float, tol: float = 0.0
+):
+    """Up to ``steps`` steps of size ``lr``; a task stops once ‖∇G‖ ≤ ``tol``."""
     g_fn = grad(objective)
     phi = phi0
+    active, iters = start(phi0)
+    gn = None
     for _ in range(steps):
-        phi = add(phi, g_fn(phi), -lr)
-    return phi
+        g = g_fn(phi)
+        active, gn = still_active(active, g, tol)
+        if tol > 0 and all_stopped(active):
+            break
+        new = {k: phi[k] - lr * g[k] for k in phi}
+        phi = new if tol == 0 else where(active, new, phi)
+        iters = iters + active.long()
+    return phi, {"iterations": iters, "grad_norm": gn if gn is not None else iters * 0.0}
+
+
+def momentum(
+    objective: Callable[[Params], Tensor],
+    phi0: Params,
+    *,
+    steps: int,
+    lr: float,
+    tol: float = 0.0,
+    beta: float = 0.9,
+    nesterov: bool = False,
+):
+    """Heavy ball: v ← βv + ∇G(φ), φ ← φ − α·v (Nesterov: φ ← φ − α(∇G + βv))."""
+    g_fn = grad(objective)
+    phi = phi0
+    v = {k: 0.0 * p for k, p in phi0.items()}
+    active, iters = start(phi0)
+    gn = None
+    for _ in range(steps):
+        g = g_fn(phi)
+        active, gn = still_active(active, g, tol)
+        if tol > 0 and all_stopped(active):
+            break
+        v_new = {k: beta * v[k] + g[k] for k in phi}
+        step = {k: g[k] + beta * v_new[k] for k in phi} if nesterov else v_new
+        new = {k: phi[k] - lr * step[k] for k in phi}
+        phi, v = (new, v_new) if tol == 0 else (where(active, new, phi), where(active, v_new, v))
+        iters = iters + active.long()
+    return phi, {"iterations": iters, "grad_norm": gn if gn is not None else iters * 0.0}
