@@ -1,0 +1,126 @@
+"""The paper's Figure 2(b): seconds and peak memory per meta-step vs number of inner steps.
+
+Omniglot 20-way 5-shot network, iMAML (5 MINRES steps), MAML and FOMAML, inner steps
+1, 5, 10, 20, 40, 80. Each point runs in a fresh process: one warm-up meta-step, then
+the median of ``--repeats``; memory is the process's peak RSS (CPU) or
+``torch.cuda.max_memory_allocated`` (GPU). A method stops growing its step count once a
+point takes longer than ``--time-cap`` seconds. Writes docs/benchmarks/fig2b_cost.json
+and .png (CPU: meta-batch 4 by default; the paper's figure used a GPU).
+
+    python benchmarks/fig2b_cost.py [--meta-batch 4] [--time-cap 60] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import torch
+
+from imaml import TaskBatch, make_algorithm
+from imaml.models import OmniglotConvNet
+
+from common import OUT, peak_rss_mib, timeit, write
+
+STEPS = [1, 5, 10, 20, 40, 80]
+ALGOS = ("imaml", "maml", "fomaml")
+
+
+def point(algo: str, steps: int, args) -> dict:
+    torch.set_flush_denormal(True)
+    device = torch.device(args.device)
+    g = torch.Generator().manual_seed(0)
+    model = OmniglotConvNet(20, generator=g).to(device)
+    T, n = args.meta_batch, 20 * 5
+    x = lambda: torch.rand(T, n, 1, 28, 28, generator=g).to(device)
+    y = torch.arange(20).repeat_interleave(5).repeat(T, 1).to(device)
+    batch = TaskBatch(x(), y, x(), y)
+    kw = {"lam": 2.0, "cg_steps": 5} if algo == "imaml" else {}
+    alg = make_algorithm(algo, model=model, inner_steps=steps, inner_lr=0.1, **kw)
+    params = dict(model.named_parameters())
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = timeit(lambda: alg.meta_grad(params, batch), repeats=args.repeats)
+    mem = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mib()
+    return {"algo": algo, "inner_steps": steps, "seconds": t["median_s"], "peak_mib": mem}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--meta-batch", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--time-cap", type=float, default=60.0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--point", nargs=2, metavar=("ALGO", "STEPS"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.point:
+        print(json.dumps(point(args.point[0], int(args.point[1]), args)))
+        return 0
+    rows = []
+    for algo in ALGOS:
+        for steps in STEPS:
+            cmd = [
+                sys.executable,
+                __file__,
+                "--point",
+                algo,
+                str(steps),
+                "--meta-batch",
+                str(args.meta_batch),
+                "--repeats",
+                str(args.repeats),
+                "--device",
+                args.device,
+            ]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                rows.append(
+                    {
+                        "algo": algo,
+                        "inner_steps": steps,
+                        "error": out.stderr.strip().splitlines()[-1],
+                    }
+                )
+                print(f"{algo} {steps}: {rows[-1]['error']}")
+                break
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(r)
+            print(f"{algo:7s} {steps:3d} steps  {r['seconds']:7.2f} s  {r['peak_mib']:7.0f} MiB")
+            if r["seconds"] > args.time_cap:
+                break
+    write(
+        "fig2b_cost",
+        {"config": vars(args) | {"n_way": 20, "k_shot": 5, "k_query": 5}, "rows": rows},
+    )
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for algo in ALGOS:
+        rs = [r for r in rows if r["algo"] == algo and "error" not in r]
+        a1.plot([r["inner_steps"] for r in rs], [r["seconds"] for r in rs], marker="o", label=algo)
+        a2.plot([r["inner_steps"] for r in rs], [r["peak_mib"] for r in rs], marker="o", label=algo)
+    a1.set_ylabel("seconds per meta-step")
+    a2.set_ylabel(
+        "peak memory (MiB, " + ("RSS" if args.device == "cpu" else "CUDA allocated") + ")"
+    )
+    for a in (a1, a2):
+        a.set_xlabel("inner steps")
+        a.grid(alpha=0.3)
+        a.legend()
+    fig.suptitle(
+        f"Figure 2(b): Omniglot 20-way 5-shot, meta-batch {args.meta_batch}, {args.device}"
+    )
+    fig.tight_layout()
+    fig.savefig(OUT / "fig2b_cost.png", dpi=110)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

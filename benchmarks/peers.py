@@ -1,0 +1,157 @@
+"""Peers side by side: our vmap path, our per-task loop, TorchOpt's implicit-gradient iMAML.
+
+omniglot-5w1s network, meta-batch 32, 16 inner GD steps (lr 0.1), λ = 2, 5 CG steps, 15
+query images per class (as in MEASURED.md's peer table). Every implementation runs in a
+fresh process (so peak RSS is its own): one warm-up meta-step, then the median of
+``--repeats``. Ours is run with CG (TorchOpt's solver) and with MINRES (our default).
+Writes docs/benchmarks/peers.json; needs ``pip install -e .[bench]`` for TorchOpt.
+
+    python benchmarks/peers.py [--repeats 3] [--queries 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from imaml import make_algorithm
+from imaml.models import OmniglotConvNet
+
+from common import peak_rss_mib, timeit, write
+
+IMPLS = ("ours-vmap-cg", "ours-vmap-minres", "ours-loop-cg", "torchopt-cg")
+LAM, STEPS, LR, CG = 2.0, 16, 0.1, 5
+
+
+def data(tasks: int, queries: int, g):
+    from imaml.data.omniglot import OmniglotTasks, load_omniglot, make_split
+
+    d = load_omniglot(progress=False, download_missing=False)
+    return OmniglotTasks(d, make_split(d)["train"], n_way=5, k_shot=1, k_query=queries).sample(
+        tasks, generator=g
+    )
+
+
+def torchopt_meta_step(model, meta_params, batch):
+    """One meta-step of iMAML written against TorchOpt 0.7.3's implicit-differentiation API."""
+    import torchopt
+
+    names = [n for n, _ in model.named_parameters()]
+    f = lambda params, x: functional_call(model, dict(zip(names, params, strict=True)), (x,))
+
+    def objective(params, meta, x, y):
+        reg = sum(((p - m) ** 2).sum() for p, m in zip(params, meta, strict=True))
+        return F.cross_entropy(f(params, x), y) + 0.5 * LAM * reg
+
+    optimality = torch.func.grad(objective, argnums=0)
+
+    @torchopt.diff.implicit.custom_root(
+        optimality, argnums=1, solve=torchopt.linear_solve.solve_cg(maxiter=CG)
+    )
+    def inner(params, meta, x, y):
+        meta = tuple(m.detach() for m in meta)
+        with torch.enable_grad():  # TorchOpt runs the solver inside autograd.Function.forward
+            params = tuple(p.detach().requires_grad_() for p in params)
+            for _ in range(STEPS):
+                grads = torch.autograd.grad(objective(params, meta, x, y), params)
+                params = tuple(
+                    (p - LR * gr).detach().requires_grad_()
+                    for p, gr in zip(params, grads, strict=True)
+                )
+        return tuple(p.detach() for p in params)
+
+    for p in meta_params:
+        p.grad = None
+    for i in range(batch.num_tasks):
+        sx, sy, qx, qy = batch.task(i)
+        phi = inner(tuple(p.detach().clone() for p in meta_params), meta_params, sx, sy)
+        (F.cross_entropy(f(phi, qx), qy) / batch.num_tasks).backward()
+
+
+def run_one(impl: str, args) -> dict:
+    torch.set_flush_denormal(True)
+    g = torch.Generator().manual_seed(0)
+    model = OmniglotConvNet(5, generator=g)
+    batch = data(args.tasks, args.queries, g)
+    if impl.startswith("ours"):
+        _, path, solver = impl.split("-")
+        alg = make_algorithm(
+            "imaml",
+            model=model,
+            lam=LAM,
+            inner_steps=STEPS,
+            inner_lr=LR,
+            cg_steps=CG,
+            solver=solver,
+            batched=path == "vmap",
+        )
+        params = dict(model.named_parameters())
+        fn = lambda: alg.meta_grad(params, batch)
+    else:
+        meta = tuple(model.parameters())
+        fn = lambda: torchopt_meta_step(model, meta, batch)
+    t = timeit(fn, repeats=args.repeats)
+    return {"impl": impl, **t, "peak_rss_mib": peak_rss_mib()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tasks", type=int, default=32)
+    ap.add_argument("--queries", type=int, default=15)
+    ap.add_argument("--impl", choices=IMPLS, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.impl:
+        print(json.dumps(run_one(args.impl, args)))
+        return 0
+    rows = []
+    for impl in IMPLS:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--impl",
+            impl,
+            "--repeats",
+            str(args.repeats),
+            "--tasks",
+            str(args.tasks),
+            "--queries",
+            str(args.queries),
+        ]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            rows.append({"impl": impl, "error": out.stderr.strip().splitlines()[-1]})
+            print(f"{impl}: failed: {rows[-1]['error']}")
+            continue
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(
+            f"{impl:18s} {rows[-1]['median_s']:6.2f} s/meta-step  peak RSS {rows[-1]['peak_rss_mib']:6.0f} MiB"
+        )
+    ok = {r["impl"]: r for r in rows if "error" not in r}
+    ref = ok.get("ours-vmap-cg")
+    if ref:
+        for r in ok.values():
+            r["time_ratio_to_ours_vmap_cg"] = r["median_s"] / ref["median_s"]
+            r["rss_ratio_to_ours_vmap_cg"] = r["peak_rss_mib"] / ref["peak_rss_mib"]
+    cfg = vars(args) | {
+        "lam": LAM,
+        "inner_steps": STEPS,
+        "inner_lr": LR,
+        "cg_steps": CG,
+        "n_way": 5,
+        "k_shot": 1,
+    }
+    write("peers", {"config": cfg, "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
