@@ -220,13 +220,24 @@ def test_stats_have_one_value_per_task():
     assert ((stats["query_accuracy"] >= 0) & (stats["query_accuracy"] <= 1)).all()
 
 
-def test_nan_input_raises_value_error():
+def test_non_finite_task_is_dropped_and_counted():
     model, theta, batch = sinusoid_setup()
     sx = batch.support_x.clone()
     sx[1, 0, 0] = float("nan")
     alg = make_algorithm("imaml", model=model, loss="mse", inner_steps=2)
-    with pytest.raises(ValueError, match=r"task\(s\) \[1\]"):
-        alg.meta_grad(theta, TaskBatch(sx, *batch[1:]))
+    g, stats = alg.meta_grad(theta, TaskBatch(sx, *batch[1:]))
+    assert stats["skipped"].tolist() == [False, True, False]
+    keep = TaskBatch(*(t[[0, 2]] for t in batch))
+    ref, _ = alg.meta_grad(theta, keep)
+    assert rel(g, ref) < 1e-12
+
+
+def test_all_tasks_non_finite_raises_value_error():
+    model, theta, batch = sinusoid_setup()
+    alg = make_algorithm("fomaml", model=model, loss="mse", inner_steps=2)
+    bad = TaskBatch(batch.support_x * float("nan"), *batch[1:])
+    with pytest.raises(ValueError, match="every task"):
+        alg.meta_grad(theta, bad)
 
 
 @pytest.mark.parametrize(

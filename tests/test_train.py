@@ -375,3 +375,41 @@ def test_miniimagenet_trains_through_the_same_path(tmp_path):
     )
     s = meta_train(cfg, tmp_path / "run", progress=False)
     assert s["step"] == 2 and 0 <= s["test"]["mean"] <= 1
+
+
+def test_a_live_run_holds_the_folder(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(str(sleeper.pid))
+        with pytest.raises(
+            ValueError, match=f"in use by another imaml run \\(pid {sleeper.pid}\\)"
+        ):
+            meta_train(sinusoid(meta_steps=1), out, progress=False)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # the owner is gone: its stale lock is taken over, and released at the end
+    meta_train(sinusoid(meta_steps=1), out, progress=False, final_test=False)
+    assert not (out / ".lock").exists()
+
+
+def test_exploding_inner_loop_stops_cleanly_without_nan_parameters(tmp_path):
+    cfg = sinusoid(meta_steps=3, inner_lr=1e6, inner_steps=30)
+    with pytest.raises(ValueError, match="non-finite"):
+        meta_train(cfg, tmp_path / "r", progress=False)
+    for f in (tmp_path / "r").glob("*.pt"):
+        assert all(torch.isfinite(v).all() for v in load_checkpoint(f)["params"].values())
+
+
+def test_cli_reports_a_held_folder_in_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text(str(os.getppid()))
+    assert (
+        main(["train", "--task", "sinusoid", "--meta-steps", "1", "--out", str(out), "--quiet"])
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "in use by another imaml run" in err[0]

@@ -47,6 +47,8 @@ HELP = {
     "val_tasks": "validation tasks per validation (0 disables validation)",
     "test_tasks": "test tasks of the final evaluation (paper: 600)",
     "checkpoint_every": "write last.pt every N meta-steps",
+    "max_skip_frac": "stop with an error when more than this fraction of tasks over the last 20 "
+    "meta-steps had a non-finite loss or meta-gradient (such tasks are dropped from the mean)",
     "log_every": "write a metrics.jsonl line every N meta-steps",
     "device": "auto (CUDA when available), cpu or cuda[:N]",
     "dtype": "float32 or float64",

@@ -65,6 +65,9 @@ class Config:
     # bookkeeping
     checkpoint_every: int = 100
     log_every: int = 1
+    max_skip_frac: float = (
+        0.1  # stop if more tasks than this were skipped (non-finite) over 20 steps
+    )
     device: str = "auto"
     dtype: str = "float32"
     threads: int | None = None
@@ -188,6 +191,8 @@ def validate(cfg: Config) -> None:
     for name in ("inner_lr", "outer_lr", "adam_eps"):
         _num(cfg, name, positive=True)
     _num(cfg, "eval_inner_lr", positive=True, allow_none=True)
+    if not (isinstance(cfg.max_skip_frac, int | float) and 0 <= cfg.max_skip_frac <= 1):
+        raise ConfigError(f"max_skip_frac must be in [0, 1], got {cfg.max_skip_frac!r}")
     for name in ("cg_damping", "lam_damping", "inner_tol"):
         _num(cfg, name, positive=False)
     if cfg.task == "omniglot":

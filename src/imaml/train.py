@@ -50,10 +50,17 @@ def setup_runtime(cfg: Config) -> tuple[torch.device, torch.dtype]:
 
 
 def summarize(stats: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Means over the tasks of a meta-batch, plus maxima of the accuracy diagnostics."""
-    out = {}
+    """Means over the kept tasks of a meta-batch, maxima of the accuracy diagnostics, and the
+    fraction of tasks skipped for non-finite values."""
+    skipped = stats.get("skipped")
+    keep = None if skipped is None or not bool(skipped.any()) else ~skipped
+    out = {"skipped_frac": 0.0 if skipped is None else skipped.double().mean().item()}
     for k, v in stats.items():
+        if k == "skipped":
+            continue
         v = v.detach().double()
+        if keep is not None:
+            v = v[keep]
         if k == "negative_curvature":
             out["negative_curvature_frac"] = v.mean().item()
             continue
@@ -106,6 +113,50 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+class RunLock:
+    """``RUN_DIR/.lock`` holding the owner's PID: a second live run into the same folder is refused.
+
+    A lock left by a process that no longer exists (a killed run) is taken over.
+    """
+
+    def __init__(self, folder: Path):
+        self.path = folder / ".lock"
+
+    def __enter__(self):
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and pid != os.getpid() and _alive(pid):
+                    raise ValueError(
+                        f"{self.path.parent} is in use by another imaml run (pid {pid}); wait for "
+                        "it to finish or choose another --out"
+                    ) from None
+                self.path.unlink(missing_ok=True)  # stale: its owner is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return self
+        raise ValueError(f"could not take the lock {self.path}")
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def meta_train(
     cfg: Config | None,
     out_dir: str | os.PathLike,
@@ -122,13 +173,12 @@ def meta_train(
     ``resume=True`` continues from ``out_dir/last.pt`` with the saved config (``cfg`` may
     be None; if given, only its ``meta_steps`` is taken, to extend the run). The run stops early, with a checkpoint, after
     ``time_budget_s`` seconds, ``max_steps_this_run`` steps, or on SIGINT/SIGTERM.
+    A second live run into the same folder is refused (``RunLock``).
     """
-    from tqdm import tqdm
-
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
-    last_path, best_path = out / "last.pt", out / "best.pt"
+    last_path = out / "last.pt"
     ckpt = None
     if resume:
         ckpt = load_checkpoint(last_path)
@@ -142,6 +192,33 @@ def meta_train(
     out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK):
         raise ValueError(f"output folder {out} is not writable")
+    with RunLock(out):
+        return _train(
+            cfg,
+            out,
+            ckpt,
+            progress=progress,
+            time_budget_s=time_budget_s,
+            max_steps_this_run=max_steps_this_run,
+            final_test=final_test,
+            tensorboard=tensorboard,
+        )
+
+
+def _train(
+    cfg: Config,
+    out: Path,
+    ckpt: dict | None,
+    *,
+    progress: bool,
+    time_budget_s: float | None,
+    max_steps_this_run: int | None,
+    final_test: bool,
+    tensorboard: bool,
+) -> dict:
+    from tqdm import tqdm
+
+    last_path, best_path = out / "last.pt", out / "best.pt"
 
     device, dtype = setup_runtime(cfg)
     families, split_info = make_task_families(cfg, progress=progress)
@@ -210,6 +287,7 @@ def meta_train(
         )
 
     t_start = time.perf_counter()
+    skip_window: list[float] = []
     steps_this_run = 0
     stopped_by = None
     log = open(out / "metrics.jsonl", "a")
@@ -235,7 +313,24 @@ def meta_train(
                 grads, stats = alg.meta_grad(params, batch)
                 for k, p in params.items():
                     p.grad = grads[k]
+                before = {k: p.detach().clone() for k, p in params.items()}
                 opt.step()
+                if not all(bool(torch.isfinite(p).all()) for p in params.values()):
+                    with torch.no_grad():  # never keep (or save) non-finite parameters
+                        for k, p in params.items():
+                            p.copy_(before[k])
+                    raise ValueError(
+                        f"step {step + 1}: the outer update made parameters non-finite; "
+                        f"last good checkpoint: {last_path} (try a lower --outer-lr)"
+                    )
+                skip_window.append(float(stats["skipped"].double().mean()))
+                if len(skip_window) >= 20 and sum(skip_window[-20:]) / 20 > cfg.max_skip_frac:
+                    save_checkpoint(last_path, state("last"))
+                    raise ValueError(
+                        f"step {step + 1}: {100 * sum(skip_window[-20:]) / 20:.0f}% of tasks over the last 20 "
+                        f"meta-steps had a non-finite loss or meta-gradient (limit --max-skip-frac "
+                        f"{cfg.max_skip_frac}); lower --inner-lr or check the data. Checkpoint: {last_path}"
+                    )
                 step += 1
                 steps_this_run += 1
                 record = summarize(stats)
@@ -251,6 +346,12 @@ def meta_train(
                     shown["acc"] = f"{record['query_accuracy']:.3f}"
                 if best["mean"] is not None:
                     shown["val"] = f"{best['mean']:.3f}"
+                shown["|∇G|"] = f"{record['inner_grad_norm']:.2g}"  # inner accuracy (Theorem 1's δ)
+                if "solver_residual" in record:
+                    shown["res"] = f"{record['solver_residual']:.2g}"
+                    shown["neg"] = f"{record['negative_curvature_frac']:.2f}"
+                if "lam" in record:
+                    shown["λ"] = f"{record['lam']:.3g}"
                 bar.set_postfix(shown, refresh=False)
                 bar.update(1)
                 if step % cfg.val_every == 0 or step == cfg.meta_steps:

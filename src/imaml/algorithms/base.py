@@ -163,7 +163,11 @@ class MetaAlgorithm:
         raise NotImplementedError
 
     def meta_grad(self, params: Params, batch: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
-        """Mean meta-gradient over the tasks of ``batch`` and per-task statistics (shape (T,))."""
+        """Mean meta-gradient over the tasks of ``batch`` and per-task statistics (shape (T,)).
+
+        Tasks with a non-finite loss or meta-gradient are left out of the mean and flagged
+        in ``stats["skipped"]``; ValueError if no task is left.
+        """
         theta = detach(params)
         if not isinstance(batch, TaskBatch):
             batch = TaskBatch(*batch)
@@ -173,16 +177,24 @@ class MetaAlgorithm:
             outs = [self.task_meta_grad(theta, *batch.task(i)) for i in range(batch.num_tasks)]
             g = {k: torch.stack([o[0][k] for o in outs]) for k in theta}
             stats = {k: torch.stack([o[1][k] for o in outs]) for k in outs[0][1]}
+        # A task whose losses or meta-gradient are not finite (an exploding inner loop, a
+        # NaN input) is dropped from the mean and counted in stats["skipped"].
         bad = ~torch.isfinite(stats["query_loss"]) | ~torch.isfinite(stats["support_loss"])
         for v in g.values():
             bad |= ~torch.isfinite(v.reshape(v.shape[0], -1)).all(1)
-        if bool(bad.any()):
-            tasks = bad.nonzero().flatten().tolist()
+        stats["skipped"] = bad
+        if bool(bad.all()):
             raise ValueError(
-                f"{self.name}: non-finite loss or meta-gradient for task(s) {tasks} of the batch; "
+                f"{self.name}: every task of the batch gave a non-finite loss or meta-gradient; "
                 "lower inner_lr or check the inputs"
             )
-        return {k: v.mean(0) for k, v in g.items()}, stats
+        keep = (~bad).to(next(iter(g.values())).dtype)
+        n = keep.sum()
+        mean = {}
+        for k, v in g.items():
+            w = keep.view(-1, *([1] * (v.dim() - 1)))
+            mean[k] = torch.where(w > 0, v, torch.zeros_like(v)).sum(0) / n
+        return mean, stats
 
     def hyperparameters(self) -> dict:
         return {
