@@ -215,21 +215,20 @@ _OMNIGLOT = dict(
     adam_eps=1e-3,
     meta_steps=20000,
 )
-PRESETS: dict[str, dict] = {
+_OMNIGLOT_GD = {
     "omniglot-5w1s": dict(_OMNIGLOT, n_way=5, k_shot=1, inner_steps=16),
     "omniglot-5w5s": dict(_OMNIGLOT, n_way=5, k_shot=5, inner_steps=16),
     "omniglot-20w1s": dict(_OMNIGLOT, n_way=20, k_shot=1, inner_steps=25),
     "omniglot-20w5s": dict(_OMNIGLOT, n_way=20, k_shot=5, inner_steps=25),
+}
+PRESETS: dict[str, dict] = {
+    **_OMNIGLOT_GD,
+    # iMAML-HF: the same tasks with the Newton-CG ("Hessian-free") inner solver
     **{
         f"{name}-hf": dict(
             values, inner_solver="newton_cg", inner_steps=5, inner_lr=1.0, inner_cg_steps=5
         )
-        for name, values in (
-            ("omniglot-5w1s", dict(_OMNIGLOT, n_way=5, k_shot=1)),
-            ("omniglot-5w5s", dict(_OMNIGLOT, n_way=5, k_shot=5)),
-            ("omniglot-20w1s", dict(_OMNIGLOT, n_way=20, k_shot=1)),
-            ("omniglot-20w5s", dict(_OMNIGLOT, n_way=20, k_shot=5)),
-        )
+        for name, values in _OMNIGLOT_GD.items()
     },
     "miniimagenet-5w1s": dict(
         task="miniimagenet",

@@ -1,0 +1,38 @@
+"""CUDA paths agree with the CPU ones (run by benchmarks/gpu_check.sh; skipped without CUDA)."""
+
+import pytest
+import torch
+
+from imaml import TaskBatch, make_algorithm
+from imaml.models import OmniglotConvNet
+
+from conftest import rel
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def setup(device, dtype, T=4):
+    g = torch.Generator().manual_seed(0)
+    model = OmniglotConvNet(5, channels=8, generator=g).to(device=device, dtype=dtype)
+    x = lambda: torch.rand(T, 5, 1, 28, 28, generator=g, dtype=dtype)
+    y = torch.arange(5).repeat(T, 1)
+    return model, {k: v.detach() for k, v in model.named_parameters()}, TaskBatch(x(), y, x(), y).to(device)
+
+
+@cuda
+@pytest.mark.parametrize("algo", ["imaml", "maml", "fomaml", "reptile"])
+def test_cuda_matches_cpu_in_float64(algo):
+    out = []
+    for device in ("cpu", "cuda"):
+        model, theta, batch = setup(device, torch.float64)
+        g, _ = make_algorithm(algo, model=model, inner_steps=4).meta_grad(theta, batch)
+        out.append({k: v.cpu() for k, v in g.items()})
+    assert rel(out[1], out[0]) < 1e-9
+
+
+@cuda
+def test_cuda_vmap_equals_loop_in_float32():
+    model, theta, batch = setup("cuda", torch.float32)
+    a = make_algorithm("imaml", model=model, inner_steps=4).meta_grad(theta, batch)[0]
+    b = make_algorithm("imaml", model=model, inner_steps=4, batched=False).meta_grad(theta, batch)[0]
+    assert rel(a, b) < 1e-3
