@@ -16,7 +16,11 @@ def setup(device, dtype, T=4):
     model = OmniglotConvNet(5, channels=8, generator=g).to(device=device, dtype=dtype)
     x = lambda: torch.rand(T, 5, 1, 28, 28, generator=g, dtype=dtype)
     y = torch.arange(5).repeat(T, 1)
-    return model, {k: v.detach() for k, v in model.named_parameters()}, TaskBatch(x(), y, x(), y).to(device)
+    return (
+        model,
+        {k: v.detach() for k, v in model.named_parameters()},
+        TaskBatch(x(), y, x(), y).to(device),
+    )
 
 
 @cuda
@@ -34,5 +38,7 @@ def test_cuda_matches_cpu_in_float64(algo):
 def test_cuda_vmap_equals_loop_in_float32():
     model, theta, batch = setup("cuda", torch.float32)
     a = make_algorithm("imaml", model=model, inner_steps=4).meta_grad(theta, batch)[0]
-    b = make_algorithm("imaml", model=model, inner_steps=4, batched=False).meta_grad(theta, batch)[0]
+    b = make_algorithm("imaml", model=model, inner_steps=4, batched=False).meta_grad(theta, batch)[
+        0
+    ]
     assert rel(a, b) < 1e-3

@@ -37,14 +37,24 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
     for k, v in state.get("params", {}).items():
         if not torch.isfinite(v).all():
             raise CheckpointError(f"refusing to save {path}: parameter {k!r} is not finite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot write a checkpoint in {path.parent} ({e.strerror or e})"
+        ) from e
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        kept = " (the previous checkpoint is intact)" if path.exists() else ""
+        raise CheckpointError(f"could not write {path}: {e.strerror or e}{kept}") from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

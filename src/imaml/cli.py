@@ -7,7 +7,7 @@ import json
 import sys
 from dataclasses import fields
 
-from .config import PRESET_NOTES, PRESETS, Config, ConfigError, from_preset
+from .config import PRESET_NOTES, PRESETS, RUNTIME_FIELDS, Config, ConfigError, from_preset
 
 HELP = {
     "task": "task family: omniglot, miniimagenet or sinusoid",
@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--no-test", action="store_true", help="skip the final test evaluation")
     t.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard")
+    t.add_argument(
+        "--config",
+        metavar="FILE.json",
+        help="a JSON object of config values (e.g. a run's config.json) applied over the preset; "
+        "command-line options win; unknown keys are an error",
+    )
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_config_options(t)
 
@@ -194,23 +200,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def read_config_file(path: str) -> dict:
+    """A JSON object of config values; ConfigError for anything else."""
+    from pathlib import Path
+
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"config file {p} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a JSON object, got {type(data).__name__}")
+    known = {f.name for f in fields(Config)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"config file {p}: unknown keys {unknown}")
+    return data
+
+
 def cmd_train(args) -> int:
     from .train import meta_train
 
     preset = _preset_for(args)
-    overrides = _overrides(args)
+    overrides = (
+        {**read_config_file(args.config), **_overrides(args)} if args.config else _overrides(args)
+    )
     out = args.out or f"runs/{preset}-{overrides.get('algo', 'imaml')}"
     if args.resume:
-        extra = sorted(set(overrides) - {"meta_steps"})
-        if extra:
-            raise ConfigError(
-                f"--resume continues with the run's saved config; drop {extra} "
-                "(only --meta-steps may change)"
-            )
         from .checkpoint import load_checkpoint
 
         saved = Config.from_dict(load_checkpoint(f"{out}/last.pt")["config"])
-        cfg = saved.replace(**overrides)
+        changed = sorted(
+            k for k, v in overrides.items() if k not in RUNTIME_FIELDS and getattr(saved, k) != v
+        )
+        if changed:
+            raise ConfigError(
+                f"--resume continues the saved run; these options differ from it: {changed} "
+                f"(only {', '.join(RUNTIME_FIELDS)} may change)"
+            )
+        cfg = saved.replace(**{k: v for k, v in overrides.items() if k in RUNTIME_FIELDS})
     else:
         cfg = from_preset(preset, **overrides)
     budget = None if args.time_budget is None else 60.0 * args.time_budget

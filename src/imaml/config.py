@@ -19,6 +19,20 @@ TASKS = ("omniglot", "miniimagenet", "sinusoid")
 DEFAULT_LAM = {"imaml": 2.0, "maml": 0.0, "fomaml": 0.0, "reptile": 0.0}
 
 
+# Fields that do not change what is learned: they may differ when a run is resumed.
+RUNTIME_FIELDS = (
+    "meta_steps",
+    "threads",
+    "device",
+    "data_dir",
+    "checkpoint_every",
+    "log_every",
+    "val_every",
+    "val_tasks",
+    "test_tasks",
+)
+
+
 class ConfigError(ValueError):
     """An invalid configuration value or combination."""
 
@@ -152,7 +166,20 @@ def _choice(cfg, name, options):
         raise ConfigError(f"unknown {name} {v!r}; choose one of {', '.join(options)}")
 
 
+def _types(cfg: Config) -> None:
+    """Strings where strings belong, booleans where booleans belong (e.g. from a JSON file)."""
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if "str" in str(f.type) and not (
+            isinstance(v, str) or (v is None and "None" in str(f.type))
+        ):
+            raise ConfigError(f"{f.name} must be a string, got {v!r}")
+        if str(f.type) == "bool" and not isinstance(v, bool):
+            raise ConfigError(f"{f.name} must be true or false, got {v!r}")
+
+
 def validate(cfg: Config) -> None:
+    _types(cfg)
     _choice(cfg, "task", TASKS)
     _choice(cfg, "algo", tuple(ALGORITHMS))
     _choice(cfg, "inner_solver", tuple(INNER_SOLVERS))

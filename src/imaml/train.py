@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -23,12 +24,16 @@ import torch
 
 from .algorithms import make_algorithm
 from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
-from .config import Config
+from .config import RUNTIME_FIELDS, Config
 from .data import make_task_families
+from .data.omniglot import _writable
 from .evaluate import evaluate
 
 # Fixed offsets separate the random streams derived from one seed.
 TASK_STREAM, VAL_STREAM, TEST_STREAM = 1_000_003, 2_000_003, 3_000_017
+MIN_FREE_BYTES = (
+    64 * 2**20
+)  # a run folder holds two checkpoints (< 10 MiB each for the paper's nets)
 HIGHER_IS_BETTER = {"accuracy": True, "mse": False, "half_sse": False}
 
 
@@ -171,7 +176,8 @@ def meta_train(
     """Meta-train per ``cfg`` into ``out_dir``; returns a summary (and the test result if run).
 
     ``resume=True`` continues from ``out_dir/last.pt`` with the saved config (``cfg`` may
-    be None; if given, only its ``meta_steps`` is taken, to extend the run). The run stops early, with a checkpoint, after
+    be None; if given, only its ``RUNTIME_FIELDS`` are taken, e.g. ``meta_steps`` to extend
+    the run). The run stops early, with a checkpoint, after
     ``time_budget_s`` seconds, ``max_steps_this_run`` steps, or on SIGINT/SIGTERM.
     A second live run into the same folder is refused (``RunLock``).
     """
@@ -183,15 +189,28 @@ def meta_train(
     if resume:
         ckpt = load_checkpoint(last_path)
         saved = Config.from_dict(ckpt["config"])
-        cfg = saved if cfg is None else saved.replace(meta_steps=cfg.meta_steps)
+        cfg = (
+            saved if cfg is None else saved.replace(**{k: getattr(cfg, k) for k in RUNTIME_FIELDS})
+        )
     elif last_path.exists():
         raise ValueError(
             f"{out} already holds a run (last.pt); pass --resume to continue it "
             "or choose another --out"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    if not os.access(out, os.W_OK):
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the output folder {out} ({e.strerror or e})") from e
+    if not _writable(out):
         raise ValueError(f"output folder {out} is not writable")
+    free = shutil.disk_usage(out).free
+    if free < MIN_FREE_BYTES:
+        raise ValueError(
+            f"only {free / 2**20:.0f} MiB free in {out}; checkpoints need at least "
+            f"{MIN_FREE_BYTES / 2**20:.0f} MiB"
+        )
+    for tmp in out.glob(".*.pt.*.tmp"):  # left by a checkpoint write that was killed
+        tmp.unlink(missing_ok=True)
     with RunLock(out):
         return _train(
             cfg,

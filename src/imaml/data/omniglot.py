@@ -165,6 +165,13 @@ def _fingerprint(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, z: Path) -> bytes:
+    try:
+        return zf.read(info)
+    except Exception as e:
+        raise DataError(f"{z}: member {info.filename} cannot be read ({e})") from e
+
+
 def _members(folder: Path, part: str):
     """Yield (relative name, bytes loader, where) for every file of one part of the release."""
     z = folder / f"{part}.zip"
@@ -172,7 +179,7 @@ def _members(folder: Path, part: str):
         try:
             zf = zipfile.ZipFile(z)
             bad = zf.testzip()
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
+        except Exception as e:  # BadZipFile, OSError, EOFError, zlib.error, NotImplementedError...
             raise DataError(
                 f"{z} is not a readable zip archive ({e}); delete it to re-download"
             ) from e
@@ -182,7 +189,7 @@ def _members(folder: Path, part: str):
             )
         for info in zf.infolist():
             if not info.is_dir():
-                yield info.filename, (lambda i=info: zf.read(i)), f"{z}:{info.filename}"
+                yield info.filename, (lambda i=info: _read_member(zf, i, z)), f"{z}:{info.filename}"
         return
     base = folder / part
     for p in sorted(base.rglob("*")):
