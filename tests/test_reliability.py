@@ -353,3 +353,57 @@ def test_n_way_larger_than_the_split_exits_2(tmp_path, capsys):
     assert main(["train", "--n-way", "2000", "--out", str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "2000-way tasks need 2000 classes but the split has 1100" in err[0]
+
+
+SLOW_SAVE = """
+import sys, time
+import imaml.checkpoint as c
+real = c.torch.save
+def slow(obj, f):
+    real(obj, f)
+    f.flush()
+    time.sleep(0.8)  # the temporary file is written, not yet renamed: a kill now is mid-write
+c.torch.save = slow
+from imaml.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_kill_during_a_checkpoint_write_leaves_the_last_complete_one(tmp_path):
+    out = tmp_path / "run"
+    argv = [
+        sys.executable,
+        "-c",
+        SLOW_SAVE,
+        "train",
+        "--task",
+        "sinusoid",
+        "--meta-steps",
+        "6",
+        "--meta-batch",
+        "4",
+        "--val-tasks",
+        "0",
+        "--checkpoint-every",
+        "1",
+        "--threads",
+        "1",
+        "--quiet",
+        "--no-test",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    # wait for the second checkpoint write to be under way (the first has completed)
+    while not ((out / "last.pt").exists() and list(out.glob(".last.pt.*.tmp"))):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert list(out.glob(".last.pt.*.tmp"))  # killed mid-write: a partial temporary file
+    step = load_checkpoint(out / "last.pt")["step"]  # ... and the last complete checkpoint
+    assert step >= 1
+    done = subprocess.run(argv + ["--resume"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert load_checkpoint(out / "last.pt")["step"] == 6 and not list(out.glob(".*.tmp"))

@@ -282,7 +282,8 @@ def test_help_explains_every_option(capsys):
     assert "omniglot-20w5s" in capsys.readouterr().out
 
 
-def test_sigterm_checkpoints_and_says_how_to_resume(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_checkpoints_and_says_how_to_resume(tmp_path, sig):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
@@ -318,10 +319,10 @@ def test_sigterm_checkpoints_and_says_how_to_resume(tmp_path):
     ):
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
-    assert "stopped by SIGTERM" in stdout and "--resume" in stdout
+    assert f"stopped by {sig.name}" in stdout and "--resume" in stdout
     assert load_checkpoint(out / "last.pt")["step"] >= 4
 
 
