@@ -407,3 +407,43 @@ def test_kill_during_a_checkpoint_write_leaves_the_last_complete_one(tmp_path):
     done = subprocess.run(argv + ["--resume"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert load_checkpoint(out / "last.pt")["step"] == 6 and not list(out.glob(".*.tmp"))
+
+
+def test_skip_rate_above_the_limit_stops_with_a_checkpoint(tmp_path, monkeypatch):
+    import imaml.train as tr
+    from imaml.algorithms import TaskBatch
+
+    real = tr.make_task_families
+
+    def poisoned(cfg, progress=True):
+        fams, info = real(cfg, progress=progress)
+
+        class OneBadTask:
+            loss, metric = fams["train"].loss, fams["train"].metric
+            make_model = fams["train"].make_model
+
+            def sample(self, n, *, generator, dtype=torch.float32):
+                b = fams["train"].sample(n, generator=generator, dtype=dtype)
+                sx = b.support_x.clone()
+                sx[0] = float("nan")  # one task in four is poisoned
+                return TaskBatch(sx, *b[1:])
+
+        return {**fams, "train": OneBadTask()}, info
+
+    monkeypatch.setattr(tr, "make_task_families", poisoned)
+    with pytest.raises(
+        ValueError, match=r"25% of tasks over the last 20 meta-steps .*--max-skip-frac 0.1"
+    ):
+        meta_train(sinusoid(meta_steps=100), tmp_path / "r", progress=False)
+    ck = load_checkpoint(tmp_path / "r" / "last.pt")
+    assert ck["step"] == 20 and all(torch.isfinite(v).all() for v in ck["params"].values())
+    lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["skipped_frac"] == 0.25 and r["query_loss"] == r["query_loss"] for r in lines)
+    # with a higher limit the same run trains on the good tasks
+    s = meta_train(
+        sinusoid(meta_steps=25, max_skip_frac=0.5),
+        tmp_path / "ok",
+        progress=False,
+        final_test=False,
+    )
+    assert s["step"] == 25

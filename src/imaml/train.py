@@ -342,14 +342,6 @@ def _train(
                         f"step {step + 1}: the outer update made parameters non-finite; "
                         f"last good checkpoint: {last_path} (try a lower --outer-lr)"
                     )
-                skip_window.append(float(stats["skipped"].double().mean()))
-                if len(skip_window) >= 20 and sum(skip_window[-20:]) / 20 > cfg.max_skip_frac:
-                    save_checkpoint(last_path, state("last"))
-                    raise ValueError(
-                        f"step {step + 1}: {100 * sum(skip_window[-20:]) / 20:.0f}% of tasks over the last 20 "
-                        f"meta-steps had a non-finite loss or meta-gradient (limit --max-skip-frac "
-                        f"{cfg.max_skip_frac}); lower --inner-lr or check the data. Checkpoint: {last_path}"
-                    )
                 step += 1
                 steps_this_run += 1
                 record = summarize(stats)
@@ -360,6 +352,14 @@ def _train(
                     if writer is not None:
                         for k, v in record.items():
                             writer.add_scalar(f"train/{k}", v, step)
+                skip_window.append(float(stats["skipped"].double().mean()))
+                if len(skip_window) >= 20 and sum(skip_window[-20:]) / 20 > cfg.max_skip_frac:
+                    save_checkpoint(last_path, state("last"))
+                    raise ValueError(
+                        f"step {step}: {100 * sum(skip_window[-20:]) / 20:.0f}% of tasks over the last 20 "
+                        f"meta-steps had a non-finite loss or meta-gradient (limit --max-skip-frac "
+                        f"{cfg.max_skip_frac}); lower --inner-lr or check the data. Checkpoint: {last_path}"
+                    )
                 shown = {"loss": f"{record['query_loss']:.3f}"}
                 if "query_accuracy" in record:
                     shown["acc"] = f"{record['query_accuracy']:.3f}"
