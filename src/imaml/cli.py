@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 
@@ -47,6 +48,8 @@ HELP = {
     "val_tasks": "validation tasks per validation (0 disables validation)",
     "test_tasks": "test tasks of the final evaluation (paper: 600)",
     "checkpoint_every": "write last.pt every N meta-steps",
+    "dist_timeout": "under torchrun: seconds a rank waits for the others (rendezvous, collectives) "
+    "before the job fails with an error",
     "max_skip_frac": "stop with an error when more than this fraction of tasks over the last 20 "
     "meta-steps had a non-finite loss or meta-gradient (such tasks are dropped from the mean)",
     "log_every": "write a metrics.jsonl line every N meta-steps",
@@ -255,6 +258,8 @@ def cmd_train(args) -> int:
         final_test=not args.no_test,
         tensorboard=args.tensorboard,
     )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, rank 0 reports
     print(
         f"{summary['step']}/{summary['meta_steps']} meta-steps in {summary['seconds']:.0f} s "
         f"({summary['seconds_per_step']:.3f} s/step); run folder: {out}"

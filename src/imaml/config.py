@@ -21,6 +21,7 @@ DEFAULT_LAM = {"imaml": 2.0, "maml": 0.0, "fomaml": 0.0, "reptile": 0.0}
 
 # Fields that do not change what is learned: they may differ when a run is resumed.
 RUNTIME_FIELDS = (
+    "dist_timeout",
     "meta_steps",
     "threads",
     "device",
@@ -79,9 +80,10 @@ class Config:
     # bookkeeping
     checkpoint_every: int = 100
     log_every: int = 1
-    max_skip_frac: float = (
-        0.1  # stop if more tasks than this were skipped (non-finite) over 20 steps
-    )
+    # stop if more tasks than this were skipped (non-finite) over the last 20 steps
+    max_skip_frac: float = 0.1
+    # seconds a rank waits for the others under torchrun before the job fails
+    dist_timeout: float = 300.0
     device: str = "auto"
     dtype: str = "float32"
     threads: int | None = None
@@ -215,7 +217,7 @@ def validate(cfg: Config) -> None:
         _int(cfg, "threads", 1)
     _num(cfg, "lam", positive=cfg.algo == "imaml", allow_none=True)
     _num(cfg, "eval_lam", positive=False, allow_none=True)
-    for name in ("inner_lr", "outer_lr", "adam_eps"):
+    for name in ("inner_lr", "outer_lr", "adam_eps", "dist_timeout"):
         _num(cfg, name, positive=True)
     _num(cfg, "eval_inner_lr", positive=True, allow_none=True)
     if not (isinstance(cfg.max_skip_frac, int | float) and 0 <= cfg.max_skip_frac <= 1):

@@ -12,6 +12,7 @@ import torch
 from torch.func import vmap
 
 from .algorithms.base import MetaAlgorithm
+from .distributed import gather_tasks
 from .params import Params, detach
 
 
@@ -48,8 +49,13 @@ def evaluate(
     device=None,
     dtype=torch.float32,
     progress: bool = False,
+    shard=None,
 ) -> dict:
-    """Mean score over ``num_tasks`` tasks of ``family`` with its 95% CI."""
+    """Mean score over ``num_tasks`` tasks of ``family`` with its 95% CI.
+
+    With ``shard`` (an ``imaml.distributed.Dist``) every rank draws the same tasks, scores
+    its share, and the scores are gathered: the result equals the single-process one.
+    """
     from tqdm import tqdm
 
     overrides = overrides or {}
@@ -61,7 +67,16 @@ def evaluate(
         while done < num_tasks:
             n = min(batch_size, num_tasks - done)
             batch = family.sample(n, generator=generator, dtype=dtype).to(device)
-            scores.append(task_scores(alg, params, batch, overrides=overrides).detach().cpu())
+            if shard is not None and shard.enabled:
+                mine = shard.take(batch)
+                local = (
+                    task_scores(alg, params, mine, overrides=overrides).detach().cpu()
+                    if mine.num_tasks
+                    else torch.zeros(0, dtype=dtype)
+                )
+                scores.append(gather_tasks(shard, {"s": local})["s"])
+            else:
+                scores.append(task_scores(alg, params, batch, overrides=overrides).detach().cpu())
             done += n
             bar.update(n)
     values = torch.cat(scores)

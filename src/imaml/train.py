@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .algorithms import make_algorithm
 from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from .config import RUNTIME_FIELDS, Config
@@ -182,20 +183,58 @@ def meta_train(
     A second live run into the same folder is refused (``RunLock``).
     """
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a folder")
-    last_path = out / "last.pt"
     ckpt = None
     if resume:
-        ckpt = load_checkpoint(last_path)
+        ckpt = load_checkpoint(out / "last.pt")
         saved = Config.from_dict(ckpt["config"])
         cfg = (
             saved if cfg is None else saved.replace(**{k: getattr(cfg, k) for k in RUNTIME_FIELDS})
         )
-    elif last_path.exists():
+    cfg = cfg.replace(device=distributed.device_for(cfg.device))
+    d = distributed.from_env(resolve_device(cfg.device), timeout_s=cfg.dist_timeout)
+    lock, locked, ok = RunLock(out), False, False
+    try:
+        error = None
+        if d.main:
+            try:
+                _prepare_folder(out, resume=resume)
+                lock.__enter__()
+                locked = True
+            except ValueError as e:
+                error = str(e)
+        error = d.broadcast(error)
+        if error is not None:
+            raise ValueError(error)
+        if d.enabled and cfg.meta_batch < d.world:
+            raise ValueError(
+                f"meta_batch ({cfg.meta_batch}) must be at least the number of processes ({d.world})"
+            )
+        summary = _train(
+            cfg,
+            out,
+            ckpt,
+            d,
+            progress=progress and d.main,
+            time_budget_s=time_budget_s,
+            max_steps_this_run=max_steps_this_run,
+            final_test=final_test,
+            tensorboard=tensorboard and d.main,
+        )
+        ok = True
+        return summary
+    finally:
+        if locked:  # never remove a lock this process did not take
+            lock.__exit__(None, None, None)
+        distributed.close(d, clean=ok)
+
+
+def _prepare_folder(out: Path, *, resume: bool) -> None:
+    """Checks before training: a folder, not holding another run, writable, with free space."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    if not resume and (out / "last.pt").exists():
         raise ValueError(
-            f"{out} already holds a run (last.pt); pass --resume to continue it "
-            "or choose another --out"
+            f"{out} already holds a run (last.pt); pass --resume to continue it or choose another --out"
         )
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -211,23 +250,13 @@ def meta_train(
         )
     for tmp in out.glob(".*.pt.*.tmp"):  # left by a checkpoint write that was killed
         tmp.unlink(missing_ok=True)
-    with RunLock(out):
-        return _train(
-            cfg,
-            out,
-            ckpt,
-            progress=progress,
-            time_budget_s=time_budget_s,
-            max_steps_this_run=max_steps_this_run,
-            final_test=final_test,
-            tensorboard=tensorboard,
-        )
 
 
 def _train(
     cfg: Config,
     out: Path,
     ckpt: dict | None,
+    d: distributed.Dist,
     *,
     progress: bool,
     time_budget_s: float | None,
@@ -260,8 +289,14 @@ def _train(
         opt.load_state_dict(ckpt["optimizer"])
         task_gen.set_state(ckpt["rng"]["tasks"])
         step, best = ckpt["step"], ckpt["best"]
-        _trim_metrics(out / "metrics.jsonl", step)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        if d.main:
+            _trim_metrics(out / "metrics.jsonl", step)
+    if d.main:  # rank 0 alone writes files
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+
+    def save(path: Path, kind: str) -> None:
+        if d.main:
+            save_checkpoint(path, state(kind))
 
     def state(kind: str) -> dict:
         s = {
@@ -303,13 +338,14 @@ def _train(
             overrides=cfg.eval_overrides(),
             device=device,
             dtype=dtype,
+            shard=d,
         )
 
     t_start = time.perf_counter()
     skip_window: list[float] = []
     steps_this_run = 0
     stopped_by = None
-    log = open(out / "metrics.jsonl", "a")
+    log = open(out / "metrics.jsonl" if d.main else os.devnull, "a")
     try:
         with (
             _StopFlag() as stop,
@@ -329,7 +365,10 @@ def _train(
                     .sample(cfg.meta_batch, generator=task_gen, dtype=dtype)
                     .to(device)
                 )
-                grads, stats = alg.meta_grad(params, batch)
+                # this rank's share of the tasks; the mean meta-gradient over all ranks
+                grads, stats = alg.meta_grad(params, d.take(batch), allow_empty=d.enabled)
+                grads = distributed.mean_over_ranks(d, grads, int((~stats["skipped"]).sum()))
+                stats = distributed.gather_tasks(d, stats)
                 for k, p in params.items():
                     p.grad = grads[k]
                 before = {k: p.detach().clone() for k, p in params.items()}
@@ -354,7 +393,7 @@ def _train(
                             writer.add_scalar(f"train/{k}", v, step)
                 skip_window.append(float(stats["skipped"].double().mean()))
                 if len(skip_window) >= 20 and sum(skip_window[-20:]) / 20 > cfg.max_skip_frac:
-                    save_checkpoint(last_path, state("last"))
+                    save(last_path, "last")
                     raise ValueError(
                         f"step {step}: {100 * sum(skip_window[-20:]) / 20:.0f}% of tasks over the last 20 "
                         f"meta-steps had a non-finite loss or meta-gradient (limit --max-skip-frac "
@@ -385,16 +424,22 @@ def _train(
                         )
                         if better:
                             best = {"step": step, "mean": val["mean"], "ci95": val["ci95"]}
-                            save_checkpoint(best_path, state("best"))
+                            save(best_path, "best")
                 elapsed = time.perf_counter() - t_start
-                if stop.signal:
-                    stopped_by = stop.signal
-                elif time_budget_s is not None and elapsed >= time_budget_s:
+                # every rank must stop at the same step: agree on the reasons (max over ranks)
+                signal_seen, out_of_time, at_limit = d.any(
+                    stop.signal is not None,
+                    time_budget_s is not None and elapsed >= time_budget_s,
+                    max_steps_this_run is not None and steps_this_run >= max_steps_this_run,
+                )
+                if signal_seen:
+                    stopped_by = stop.signal or "a signal to another rank"
+                elif out_of_time:
                     stopped_by = "time budget"
-                elif max_steps_this_run is not None and steps_this_run >= max_steps_this_run:
+                elif at_limit:
                     stopped_by = "step limit"
                 if stopped_by or step % cfg.checkpoint_every == 0 or step == cfg.meta_steps:
-                    save_checkpoint(last_path, state("last"))
+                    save(last_path, "last")
                 if stopped_by:
                     break
     finally:
@@ -411,14 +456,16 @@ def _train(
         "best": best,
         "out": str(out),
     }
-    try:
-        from .plot import plot_run
+    if d.main:
+        try:
+            from .plot import plot_run
 
-        plot_run(out)
-    except Exception as e:  # a plot must never cost a run its results
-        summary["plot_error"] = str(e)
+            plot_run(out)
+        except Exception as e:  # a plot must never cost a run its results
+            summary["plot_error"] = str(e)
     if stopped_by is None and final_test:
-        summary["test"] = evaluate_run(out, progress=progress)
+        d.barrier()  # best.pt is on disk for every rank
+        summary["test"] = evaluate_run(out, progress=progress, shard=d)
     return summary
 
 
@@ -441,6 +488,7 @@ def evaluate_run(
     checkpoint: str = "best",
     progress: bool = False,
     seed: int | None = None,
+    shard: distributed.Dist | None = None,
     **eval_overrides,
 ) -> dict:
     """Evaluate a run folder's best (or last) parameters on ``tasks`` tasks; writes eval.json."""
@@ -476,6 +524,7 @@ def evaluate_run(
         device=device,
         dtype=dtype,
         progress=progress,
+        shard=shard,
     )
     result = {
         **res,
@@ -488,7 +537,8 @@ def evaluate_run(
     }
     if not math.isfinite(result["mean"]):
         raise ValueError(f"evaluation of {path} gave a non-finite {res['metric']}")
-    tmp = run / ".eval.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, run / "eval.json")
+    if shard is None or shard.main:
+        tmp = run / ".eval.json.tmp"
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, run / "eval.json")
     return result

@@ -162,11 +162,14 @@ class MetaAlgorithm:
     def task_meta_grad(self, theta: Params, sx, sy, qx, qy) -> tuple[Params, dict[str, Tensor]]:
         raise NotImplementedError
 
-    def meta_grad(self, params: Params, batch: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
+    def meta_grad(
+        self, params: Params, batch: TaskBatch, *, allow_empty: bool = False
+    ) -> tuple[Params, dict[str, Tensor]]:
         """Mean meta-gradient over the tasks of ``batch`` and per-task statistics (shape (T,)).
 
         Tasks with a non-finite loss or meta-gradient are left out of the mean and flagged
-        in ``stats["skipped"]``; ValueError if no task is left.
+        in ``stats["skipped"]``; ValueError if no task is left (unless ``allow_empty``, used
+        by data-parallel training where other ranks may still hold kept tasks).
         """
         theta = detach(params)
         if not isinstance(batch, TaskBatch):
@@ -183,13 +186,13 @@ class MetaAlgorithm:
         for v in g.values():
             bad |= ~torch.isfinite(v.reshape(v.shape[0], -1)).all(1)
         stats["skipped"] = bad
-        if bool(bad.all()):
+        if bool(bad.all()) and not allow_empty:
             raise ValueError(
                 f"{self.name}: every task of the batch gave a non-finite loss or meta-gradient; "
                 "lower inner_lr or check the inputs"
             )
         keep = (~bad).to(next(iter(g.values())).dtype)
-        n = keep.sum()
+        n = keep.sum().clamp(min=1)  # all skipped (allow_empty): a zero gradient of weight 0
         mean = {}
         for k, v in g.items():
             w = keep.view(-1, *([1] * (v.dim() - 1)))
