@@ -219,7 +219,20 @@ VALID = release_files()
 @given(data=st.data())
 def test_fuzzed_release_loads_or_raises_data_error(tmp_path_factory, data):
     tmp = tmp_path_factory.mktemp("fuzz")
-    os.environ["XDG_CACHE_HOME"] = str(tmp / "xdg")
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(
+        tmp / "xdg"
+    )  # hypothesis forbids function-scoped fixtures here
+    try:
+        _fuzz_release(tmp, data)
+    finally:
+        if old is None:
+            os.environ.pop("XDG_CACHE_HOME", None)
+        else:
+            os.environ["XDG_CACHE_HOME"] = old
+
+
+def _fuzz_release(tmp, data):
     files = dict(VALID)
     kind = data.draw(st.sampled_from(["member", "truncate", "flip", "drop", "rename"]))
     names = sorted(files)

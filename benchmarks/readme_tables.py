@@ -1,0 +1,136 @@
+"""Print the README's results tables (markdown) from the JSON files in docs/benchmarks/.
+
+python benchmarks/readme_tables.py > /tmp/tables.md
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from common import OUT
+
+
+def load(name):
+    p = OUT / f"{name}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def pct(x, ci):
+    return f"{100 * x:.1f} ± {100 * ci:.1f}"
+
+
+def main() -> int:
+    r = load("omniglot_5w1s_cpu_baselines")
+    if r:
+        print(
+            "| algorithm | meta-steps in 20 min | median s / meta-step | best validation (step) | test accuracy, 600 tasks |"
+        )
+        print("|---|---|---|---|---|")
+        for x in r["runs"]:
+            bv = x.get("best_val", {})
+            t = x.get("test", {})
+            print(
+                f"| {x['algo']} | {x['steps']} | {x['median_seconds_per_step']:.2f} | "
+                f"{pct(bv.get('mean', 0), bv.get('ci95', 0))} ({bv.get('step')}) | "
+                f"{pct(t.get('mean', 0), t.get('ci95', 0))} (step {t.get('checkpoint_step')}) |"
+            )
+        print()
+    r = load("gd_vs_newton_cg")
+    if r:
+        print(
+            "| inner solver | meta-steps in 8 min | median s / meta-step | best validation (step) | test accuracy, 600 tasks |"
+        )
+        print("|---|---|---|---|---|")
+        for x in r["runs"]:
+            bv, t = x.get("best_val", {}), x.get("test", {})
+            print(
+                f"| {x['inner_solver']} | {x['steps']} | {x['median_seconds_per_step']:.2f} | "
+                f"{pct(bv.get('mean', 0), bv.get('ci95', 0))} ({bv.get('step')}) | "
+                f"{pct(t.get('mean', 0), t.get('ci95', 0))} |"
+            )
+        print()
+    r = load("inner_solvers")
+    if r:
+        print(
+            "| inner solver | inner lr | iterations to ‖∇G‖ ≤ 1e-3 (mean / max) | tasks reaching it | s / meta-step | peak RSS, 1 iteration | peak RSS, 100 iterations |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for x in r["rows"]:
+            print(
+                f"| {x['solver']} | {x['inner_lr']} | {x['iterations_mean']:.1f} / {x['iterations_max']} | "
+                f"{100 * x['fraction_reached_tol']:.0f}% | {x['seconds_per_meta_step']:.2f} | "
+                f"{x['peak_rss_mib_1_iter']:.0f} MiB | {x['peak_rss_mib_100_iter']:.0f} MiB |"
+            )
+        print()
+    r = load("vmap_vs_loop")
+    if r:
+        print("| task | algorithm | vmap (s / meta-step) | per-task loop | speed-up |")
+        print("|---|---|---|---|---|")
+        for x in r["rows"]:
+            print(
+                f"| {x['task']} | {x['algo']} | {x['vmap']['median_s']:.3f} | {x['loop']['median_s']:.3f} | "
+                f"{x['speedup']:.1f}× |"
+            )
+        print()
+    r = load("hvp_modes")
+    if r:
+        print(
+            "| tasks (vmap) | pattern | reverse-over-reverse (ms / task) | forward-over-reverse (ms / task) |"
+        )
+        print("|---|---|---|---|")
+        rows = {(x["tasks"], x["pattern"], x["mode"]): x["per_task_ms"] for x in r["rows"]}
+        for t, p, m in rows:
+            if m == "rev":
+                print(f"| {t} | {p} | {rows[(t, p, 'rev')]:.1f} | {rows[(t, p, 'fwd')]:.1f} |")
+        print()
+    r = load("peers")
+    if r:
+        print(
+            "| implementation | s / meta-step | peak RSS | time vs ours (vmap, CG) | memory vs ours |"
+        )
+        print("|---|---|---|---|---|")
+        for x in r["rows"]:
+            if "error" in x:
+                print(f"| {x['impl']} | failed: {x['error']} | | | |")
+                continue
+            print(
+                f"| {x['impl']} | {x['median_s']:.2f} | {x['peak_rss_mib']:.0f} MiB | "
+                f"{x.get('time_ratio_to_ours_vmap_cg', float('nan')):.2f}× | "
+                f"{x.get('rss_ratio_to_ours_vmap_cg', float('nan')):.2f}× |"
+            )
+        print()
+    r = load("fig2b_cost")
+    if r:
+        algos = sorted({x["algo"] for x in r["rows"]})
+        steps = sorted({x["inner_steps"] for x in r["rows"]})
+        cell = {(x["algo"], x["inner_steps"]): x for x in r["rows"] if "error" not in x}
+        print("| inner steps | " + " | ".join(f"{a} s / peak MiB" for a in algos) + " |")
+        print("|---|" + "---|" * len(algos))
+        for k in steps:
+            print(
+                f"| {k} | "
+                + " | ".join(
+                    f"{cell[(a, k)]['seconds']:.2f} / {cell[(a, k)]['peak_mib']:.0f}"
+                    if (a, k) in cell
+                    else "–"
+                    for a in algos
+                )
+                + " |"
+            )
+        print()
+    r = load("distributed_throughput")
+    if r:
+        print("| processes × threads | meta-steps / s | s / meta-step |")
+        print("|---|---|---|")
+        for x in r["rows"]:
+            print(
+                f"| {x['processes']} × {x['threads_per_process']} | {x['steps_per_second']:.3f} | "
+                f"{x['median_seconds_per_step']:.2f} |"
+            )
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
