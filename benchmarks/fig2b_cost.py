@@ -4,7 +4,7 @@ Omniglot 20-way 5-shot network, iMAML (5 MINRES steps), MAML and FOMAML, inner s
 1, 5, 10, 20, 40, 80. Each point runs in a fresh process: one warm-up meta-step, then
 the median of ``--repeats``; memory is the process's peak RSS (CPU) or
 ``torch.cuda.max_memory_allocated`` (GPU). A method stops growing its step count once a
-point takes longer than ``--time-cap`` seconds. Writes docs/benchmarks/fig2b_cost.json
+point takes longer than ``--time-cap`` seconds or does not fit in ``--memory-gib``. Writes docs/benchmarks/fig2b_cost.json
 and .png (CPU: meta-batch 4 by default; the paper's figure used a GPU).
 
     python benchmarks/fig2b_cost.py [--meta-batch 4] [--time-cap 60] [--device cpu]
@@ -47,6 +47,19 @@ def point(algo: str, steps: int, args) -> dict:
     return {"algo": algo, "inner_steps": steps, "seconds": t["median_s"], "peak_mib": mem}
 
 
+def limit_memory(gib: float):
+    """A preexec_fn capping the child's address space, so a point that does not fit fails with
+    an allocation error instead of waking the kernel's OOM killer."""
+
+    def apply():
+        import resource
+
+        limit = int(gib * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return apply
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -55,6 +68,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--time-cap", type=float, default=60.0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--memory-gib", type=float, default=16.0, help="address-space cap of each point (CPU)"
+    )
     ap.add_argument("--point", nargs=2, metavar=("ALGO", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.point:
@@ -76,16 +92,21 @@ def main(argv=None) -> int:
                 "--device",
                 args.device,
             ]
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            out = subprocess.run(
+                cmd, capture_output=True, text=True, preexec_fn=limit_memory(args.memory_gib)
+            )
             if out.returncode != 0:
-                rows.append(
-                    {
-                        "algo": algo,
-                        "inner_steps": steps,
-                        "error": out.stderr.strip().splitlines()[-1],
-                    }
+                tail = out.stderr.strip().splitlines()
+                oom = (
+                    "allocate" in out.stderr or "memory" in out.stderr.lower() or out.returncode < 0
                 )
-                print(f"{algo} {steps}: {rows[-1]['error']}")
+                reason = (
+                    f"out of memory (limit {args.memory_gib:g} GiB)"
+                    if oom
+                    else (tail[-1] if tail else f"exit {out.returncode}")
+                )
+                rows.append({"algo": algo, "inner_steps": steps, "error": reason})
+                print(f"{algo:7s} {steps:3d} steps  {reason}")
                 break
             r = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(r)
