@@ -39,7 +39,7 @@ def main() -> int:
     r = load("gd_vs_newton_cg")
     if r:
         print(
-            "| inner solver | meta-steps in 8 min | median s / meta-step | best validation (step) | test accuracy, 600 tasks |"
+            "| inner solver | meta-steps in 5 min | median s / meta-step | best validation (step) | test accuracy, 600 tasks |"
         )
         print("|---|---|---|---|---|")
         for x in r["runs"]:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue-4 comparison: omniglot-5w1s iMAML with the GD inner loop vs the Newton-CG
+# Inner-solver comparison: omniglot-5w1s iMAML with the GD inner loop vs the Newton-CG
 # ("Hessian-free") inner loop, equal wall-clock budget each, one after the other.
 # Usage: scripts/inner_solver_runs.sh [MINUTES] [RUNS_DIR]
 set -euo pipefail
