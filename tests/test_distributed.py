@@ -9,11 +9,12 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from imaml.checkpoint import load_checkpoint
 from imaml.distributed import Dist
+
+from conftest import needs_real
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -211,13 +212,7 @@ def test_a_rendezvous_that_cannot_complete_fails_in_bounded_time(tmp_path):
     assert "could not join the process group" in r.stderr and "Traceback" not in r.stderr
 
 
-REAL = os.environ.get("IMAML_DATA_DIR")
-
-
-@pytest.mark.skipif(
-    not (REAL and (Path(REAL) / "omniglot").is_dir()) and not os.environ.get("IMAML_REQUIRE_DATA"),
-    reason="IMAML_DATA_DIR does not hold the Omniglot release",
-)
+@needs_real
 def test_two_processes_equal_one_on_omniglot(tmp_path):
     argv = [
         "--preset",

@@ -17,6 +17,7 @@ from imaml.data.omniglot import (
     make_split,
 )
 
+from conftest import REAL_DATA, needs_real
 from omniglot_fixture import SMALL, make_release, png_bytes, release_files, write_zip
 
 
@@ -283,18 +284,11 @@ def test_sampler_rejects_impossible_tasks(small):
         OmniglotTasks(small, [0, 1, 2], n_way=2, k_shot=15, k_query=6)
 
 
-REAL = os.environ.get("IMAML_DATA_DIR")
-needs_real = pytest.mark.skipif(
-    not (REAL and (Path(REAL) / "omniglot").is_dir()) and not os.environ.get("IMAML_REQUIRE_DATA"),
-    reason="IMAML_DATA_DIR does not hold the Omniglot release",
-)
-
-
 @needs_real
 def test_real_release_loads_with_official_counts():
     data = load_omniglot(progress=False, download_missing=False)
     assert data.images.shape == (1623, 20, 28, 28)
     s = make_split(data)
     assert (len(s["train"]), len(s["val"]), len(s["test"])) == (1100, 100, 423)
-    with zipfile.ZipFile(Path(REAL) / "omniglot" / "images_background.zip") as z:
+    with zipfile.ZipFile(Path(REAL_DATA) / "omniglot" / "images_background.zip") as z:
         assert sum(n.endswith(".png") for n in z.namelist()) == 19280

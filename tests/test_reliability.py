@@ -21,7 +21,7 @@ from imaml.config import Config, ConfigError, from_preset
 from imaml.data.omniglot import DataError, load_omniglot
 from imaml.train import meta_train
 
-from conftest import rel
+from conftest import needs_real, rel
 from omniglot_fixture import SMALL, make_release, release_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -355,13 +355,7 @@ def test_invalid_cli_values_exit_2_in_one_line(argv, match, tmp_path, capsys):
     assert code == 2 and len(err) == 1 and match in err[0], err
 
 
-REAL = os.environ.get("IMAML_DATA_DIR")
-
-
-@pytest.mark.skipif(
-    not (REAL and (Path(REAL) / "omniglot").is_dir()) and not os.environ.get("IMAML_REQUIRE_DATA"),
-    reason="IMAML_DATA_DIR does not hold the Omniglot release",
-)
+@needs_real
 def test_n_way_larger_than_the_split_exits_2(tmp_path, capsys):
     assert main(["train", "--n-way", "2000", "--out", str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

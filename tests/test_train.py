@@ -15,6 +15,8 @@ from imaml.cli import main
 from imaml.config import PRESETS, Config, ConfigError, from_preset
 from imaml.train import evaluate_run, meta_train
 
+from conftest import needs_real
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -324,13 +326,6 @@ def test_signal_checkpoints_and_says_how_to_resume(tmp_path, sig):
     assert proc.returncode == 0, stderr
     assert f"stopped by {sig.name}" in stdout and "--resume" in stdout
     assert load_checkpoint(out / "last.pt")["step"] >= 4
-
-
-REAL = os.environ.get("IMAML_DATA_DIR")
-needs_real = pytest.mark.skipif(
-    not (REAL and (Path(REAL) / "omniglot").is_dir()) and not os.environ.get("IMAML_REQUIRE_DATA"),
-    reason="IMAML_DATA_DIR does not hold the Omniglot release",
-)
 
 
 @needs_real
