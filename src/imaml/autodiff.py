@@ -12,12 +12,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp
 
 from .params import Params
 
 HVP_MODES = ("rev", "fwd")
+
+
+def in_transform(t: Tensor) -> bool:
+    """True inside a torch.func transform (vmap, grad), where a tensor's values cannot be read."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 def linearize_grad(

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value
 
-from .autodiff import linearize_grad
+from .autodiff import in_transform, linearize_grad
 from .linalg import SOLVERS, solve
 from .params import Params, check_same_structure
 
@@ -96,11 +96,6 @@ def lam_gradient(g: Params, support_grad: Params, lam) -> Tensor | dict[str, Ten
     return sum((g[k] * support_grad[k]).sum() for k in g) / lam
 
 
-def _is_transformed(t: Tensor) -> bool:
-    """True inside a torch.func transform (vmap, grad), where values cannot be read."""
-    return torch._C._functorch.is_functorch_wrapped_tensor(t)
-
-
 def check_hyperparameters(*, lam: float, steps: int, solver: str) -> None:
     if not (isinstance(lam, int | float) and lam > 0 and lam != float("inf")):
         raise ValueError(f"lam (λ, the proximal strength) must be a finite number > 0, got {lam!r}")
@@ -139,7 +134,7 @@ def implicit_meta_grad(
     query_grad, query_value = grad_and_value(query_loss)(phi)
     support_value = support_loss(phi)
     for name, value in (("query_loss", query_value), ("support_loss", support_value)):
-        if not _is_transformed(value) and not bool(torch.isfinite(value).all()):
+        if not in_transform(value) and not bool(torch.isfinite(value).all()):
             raise ValueError(f"{name}(phi) is not finite ({value.item()}); check inputs and φ")
     g, _, _ = solve_implicit(
         support_loss,

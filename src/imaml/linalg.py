@@ -86,7 +86,7 @@ def cg(matvec: Callable, b: Vector, *, steps: int, tol: float = 0.0, x0: Vector 
     negative = torch.zeros_like(active)
     neg_at_start = torch.zeros_like(active)
     fallback_rr = rr
-    iterations = torch.zeros((), dtype=torch.int64, device=b.device) + 0 * active.long()
+    iterations = torch.zeros_like(active, dtype=torch.int64)
     for k in range(steps):
         Ap = A(p)
         pAp = p @ Ap
@@ -142,7 +142,7 @@ def minres(matvec: Callable, b: Vector, *, steps: int, tol: float = 0.0, x0: Vec
     w2 = torch.zeros_like(b)
     active = phibar > tol * bnorm
     negative = torch.zeros_like(active)
-    iterations = torch.zeros((), dtype=torch.int64, device=b.device) + 0 * active.long()
+    iterations = torch.zeros_like(active, dtype=torch.int64)
     tiny = torch.finfo(b.dtype).tiny
     for k in range(steps):
         v = y / _safe(beta)
@@ -203,7 +203,7 @@ def neumann(
         r = b - A(x)
     rnorm = torch.linalg.vector_norm(r)
     active = rnorm > tol * bnorm
-    iterations = torch.zeros((), dtype=torch.int64, device=b.device) + 0 * active.long()
+    iterations = torch.zeros_like(active, dtype=torch.int64)
     for _ in range(steps):
         Ar = A(r)
         x = torch.where(active, x + alpha * r, x)

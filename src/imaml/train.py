@@ -128,7 +128,7 @@ class RunLock:
     def __init__(self, folder: Path):
         self.path = folder / ".lock"
 
-    def __enter__(self):
+    def acquire(self) -> None:
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -146,10 +146,10 @@ class RunLock:
                 continue
             with os.fdopen(fd, "w") as f:
                 f.write(str(os.getpid()))
-            return self
+            return
         raise ValueError(f"could not take the lock {self.path}")
 
-    def __exit__(self, *exc):
+    def release(self) -> None:
         self.path.unlink(missing_ok=True)
 
 
@@ -198,7 +198,7 @@ def meta_train(
         if d.main:
             try:
                 _prepare_folder(out, resume=resume)
-                lock.__enter__()
+                lock.acquire()
                 locked = True
             except ValueError as e:
                 error = str(e)
@@ -224,7 +224,7 @@ def meta_train(
         return summary
     finally:
         if locked:  # never remove a lock this process did not take
-            lock.__exit__(None, None, None)
+            lock.release()
         distributed.close(d, clean=ok)
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..autodiff import in_transform
 from ..params import Params, dot, norm
 
 
@@ -31,7 +32,7 @@ def all_stopped(active: Tensor) -> bool:
     Under a torch.func transform the loop must run its fixed number of steps (masked);
     outside one a solver may return as soon as every task has met its tolerance.
     """
-    return not torch._C._functorch.is_functorch_wrapped_tensor(active) and not bool(active.any())
+    return not in_transform(active) and not bool(active.any())
 
 
 def where(mask: Tensor, new: Params, old: Params) -> Params:
