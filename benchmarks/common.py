@@ -50,9 +50,9 @@ def machine() -> dict:
     }
 
 
-def write(name: str, payload: dict) -> pathlib.Path:
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"{name}.json"
+def write(name: str, payload: dict, out: pathlib.Path = OUT) -> pathlib.Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=1))
     print(f"wrote {path}")
     return path

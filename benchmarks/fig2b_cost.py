@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -60,6 +61,26 @@ def limit_memory(gib: float):
     return apply
 
 
+def run_point(algo: str, steps: int, args) -> dict:
+    """One point in a fresh process under an address-space cap (CPU: its own peak RSS)."""
+    cmd = [sys.executable, __file__, "--point", algo, str(steps)]
+    cmd += ["--meta-batch", str(args.meta_batch), "--repeats", str(args.repeats)]
+    cmd += ["--device", args.device]
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, preexec_fn=limit_memory(args.memory_gib)
+    )
+    if out.returncode != 0:
+        tail = out.stderr.strip().splitlines()
+        oom = "allocate" in out.stderr or "memory" in out.stderr.lower() or out.returncode < 0
+        reason = (
+            f"out of memory (limit {args.memory_gib:g} GiB)"
+            if oom
+            else (tail[-1] if tail else f"exit {out.returncode}")
+        )
+        return {"algo": algo, "inner_steps": steps, "error": reason}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -71,52 +92,35 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--memory-gib", type=float, default=16.0, help="address-space cap of each point (CPU)"
     )
+    ap.add_argument("--out", type=pathlib.Path, default=OUT, help="folder of the JSON and PNG")
     ap.add_argument("--point", nargs=2, metavar=("ALGO", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.point:
         print(json.dumps(point(args.point[0], int(args.point[1]), args)))
         return 0
     rows = []
+    cuda = args.device.startswith("cuda")
     for algo in ALGOS:
         for steps in STEPS:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--point",
-                algo,
-                str(steps),
-                "--meta-batch",
-                str(args.meta_batch),
-                "--repeats",
-                str(args.repeats),
-                "--device",
-                args.device,
-            ]
-            out = subprocess.run(
-                cmd, capture_output=True, text=True, preexec_fn=limit_memory(args.memory_gib)
-            )
-            if out.returncode != 0:
-                tail = out.stderr.strip().splitlines()
-                oom = (
-                    "allocate" in out.stderr or "memory" in out.stderr.lower() or out.returncode < 0
-                )
-                reason = (
-                    f"out of memory (limit {args.memory_gib:g} GiB)"
-                    if oom
-                    else (tail[-1] if tail else f"exit {out.returncode}")
-                )
-                rows.append({"algo": algo, "inner_steps": steps, "error": reason})
-                print(f"{algo:7s} {steps:3d} steps  {reason}")
-                break
-            r = json.loads(out.stdout.strip().splitlines()[-1])
+            if cuda:  # in-process: max_memory_allocated is reset per point (a fresh CUDA
+                # context per point would cost more than the points themselves)
+                try:
+                    r = point(algo, steps, args)
+                except torch.cuda.OutOfMemoryError:
+                    r = {"algo": algo, "inner_steps": steps, "error": "out of GPU memory"}
+                torch.cuda.empty_cache()
+            else:
+                r = run_point(algo, steps, args)
             rows.append(r)
-            print(f"{algo:7s} {steps:3d} steps  {r['seconds']:7.2f} s  {r['peak_mib']:7.0f} MiB")
+            if "error" in r:
+                print(f"{algo:7s} {steps:3d} steps  {r['error']}", flush=True)
+                break
+            print(f"{algo:7s} {steps:3d} steps  {r['seconds']:7.3f} s  {r['peak_mib']:7.0f} MiB")
             if r["seconds"] > args.time_cap:
                 break
-    write(
-        "fig2b_cost",
-        {"config": vars(args) | {"n_way": 20, "k_shot": 5, "k_query": 5}, "rows": rows},
-    )
+    name = "fig2b_cost" if not cuda else "fig2b_cost_cuda"
+    cfg = vars(args) | {"n_way": 20, "k_shot": 5, "k_query": 5, "out": str(args.out)}
+    write(name, {"config": cfg, "rows": rows}, out=args.out)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,7 +143,7 @@ def main(argv=None) -> int:
         f"Figure 2(b): Omniglot 20-way 5-shot, meta-batch {args.meta_batch}, {args.device}"
     )
     fig.tight_layout()
-    fig.savefig(OUT / "fig2b_cost.png", dpi=110)
+    fig.savefig(args.out / f"{name}.png", dpi=110)
     return 0
 
 

@@ -42,3 +42,21 @@ def test_cuda_vmap_equals_loop_in_float32():
         0
     ]
     assert rel(a, b) < 1e-3
+
+
+@cuda
+def test_training_with_cuda_graphs_matches_eager(tmp_path):
+    from imaml.config import from_preset
+    from imaml.train import meta_train
+
+    cfg = from_preset("sinusoid").replace(
+        meta_steps=5, meta_batch=8, val_tasks=0, device="cuda", test_tasks=10
+    )
+    params = {}
+    for mode in ("on", "off"):
+        s = meta_train(
+            cfg.replace(cuda_graph=mode), tmp_path / mode, progress=False, final_test=False
+        )
+        assert s["cuda_graph"]["replays"] == (5 if mode == "on" else 0)
+        params[mode] = torch.load(tmp_path / mode / "last.pt", weights_only=True)["params"]
+    assert rel(params["on"], params["off"]) < 1e-4

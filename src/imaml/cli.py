@@ -57,6 +57,13 @@ HELP = {
     "dtype": "float32 or float64",
     "threads": "CPU threads for PyTorch (default: PyTorch's choice)",
     "batched": "vmap over the tasks of a meta-batch (--no-batched: per-task loop, the reference path)",
+    "flat": "batched path: carry the network's tensors as one flat vector, so each element-wise "
+    "step is one kernel (--no-flat: one per tensor; same math)",
+    "task_chunk": "vmap over at most N tasks at a time: bounds peak memory at some speed "
+    "(default: the whole meta-batch at once)",
+    "cuda_graph": "auto, on or off: on CUDA, capture the whole meta-step (inner loop, linear "
+    "solve, query gradient) once as a CUDA graph and replay it (auto: when on CUDA and batched; "
+    "falls back to eager if capture fails)",
 }
 
 

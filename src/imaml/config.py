@@ -31,6 +31,9 @@ RUNTIME_FIELDS = (
     "val_every",
     "val_tasks",
     "test_tasks",
+    "flat",
+    "task_chunk",
+    "cuda_graph",
 )
 
 
@@ -88,6 +91,9 @@ class Config:
     dtype: str = "float32"
     threads: int | None = None
     batched: bool = True
+    flat: bool = True  # batched path: the network's tensors as one vector (fewer kernels)
+    task_chunk: int | None = None  # vmap over this many tasks at a time (bounds memory)
+    cuda_graph: str = "auto"  # auto | on | off: replay the meta-step as a CUDA graph
 
     def __post_init__(self):
         validate(self)
@@ -128,6 +134,8 @@ class Config:
             "lam_damping": self.lam_damping,
             "hvp_mode": self.hvp_mode,
             "batched": self.batched,
+            "flat": self.flat,
+            "task_chunk": self.task_chunk,
             "inner_tol": self.inner_tol,
             "inner_options": {"cg_steps": self.inner_cg_steps},
             "learn_lam": self.learn_lam,
@@ -215,6 +223,11 @@ def validate(cfg: Config) -> None:
         _int(cfg, "eval_inner_steps", 0)
     if cfg.threads is not None:
         _int(cfg, "threads", 1)
+    if cfg.task_chunk is not None:
+        _int(cfg, "task_chunk", 1)
+    _choice(cfg, "cuda_graph", ("auto", "on", "off"))
+    if cfg.cuda_graph == "on" and not cfg.batched:
+        raise ConfigError("cuda_graph on needs the batched path (drop --no-batched)")
     _num(cfg, "lam", positive=cfg.algo == "imaml", allow_none=True)
     _num(cfg, "eval_lam", positive=False, allow_none=True)
     for name in ("inner_lr", "outer_lr", "adam_eps", "dist_timeout"):

@@ -27,7 +27,7 @@ def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
 
 def task_scores(alg: MetaAlgorithm, params: Params, batch, *, overrides: dict) -> torch.Tensor:
     """Per-task query score (accuracy for classification, else the loss) after adaptation."""
-    theta = detach(params)
+    theta = alg.pack(detach(params))
 
     def one(sx, sy, qx, qy):
         phi = alg.adapt(theta, sx, sy, **overrides)

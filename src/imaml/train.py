@@ -26,6 +26,7 @@ from . import distributed
 from .algorithms import make_algorithm
 from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from .config import RUNTIME_FIELDS, Config
+from .cuda_graph import MetaStep
 from .data import make_task_families
 from .data.omniglot import _writable
 from .evaluate import evaluate
@@ -57,22 +58,35 @@ def setup_runtime(cfg: Config) -> tuple[torch.device, torch.dtype]:
 
 def summarize(stats: dict[str, torch.Tensor]) -> dict[str, float]:
     """Means over the kept tasks of a meta-batch, maxima of the accuracy diagnostics, and the
-    fraction of tasks skipped for non-finite values."""
+    fraction of tasks skipped for non-finite values.
+
+    Computed on the device and copied to the host in one transfer (one synchronisation per
+    meta-step instead of one per statistic)."""
     skipped = stats.get("skipped")
-    keep = None if skipped is None or not bool(skipped.any()) else ~skipped
-    out = {"skipped_frac": 0.0 if skipped is None else skipped.double().mean().item()}
+    names, values = [], []
+    if skipped is not None:
+        keep = (~skipped).double()
+        n_keep = keep.sum()
+        names.append("skipped_frac")
+        values.append(skipped.double().mean())
     for k, v in stats.items():
         if k == "skipped":
             continue
         v = v.detach().double()
-        if keep is not None:
-            v = v[keep]
-        if k == "negative_curvature":
-            out["negative_curvature_frac"] = v.mean().item()
-            continue
-        out[k] = v.mean().item()
+        if skipped is None:
+            mean, vmax = v.mean(), v.max()
+        else:  # over the kept tasks (NaN where none is kept)
+            mean = torch.where(keep > 0, v, torch.zeros_like(v)).sum() / n_keep
+            vmax = torch.where(keep > 0, v, torch.full_like(v, -torch.inf)).max()
+            vmax = torch.where(n_keep > 0, vmax, torch.full_like(vmax, torch.nan))
+        names.append("negative_curvature_frac" if k == "negative_curvature" else k)
+        values.append(mean)
         if k in ("inner_grad_norm", "solver_residual", "inner_iterations"):
-            out[k + "_max"] = v.max().item()
+            names.append(k + "_max")
+            values.append(vmax)
+    host = torch.stack(values).cpu().tolist() if values else []
+    out = dict(zip(names, host, strict=True))
+    out.setdefault("skipped_frac", 0.0)
     return out
 
 
@@ -277,6 +291,7 @@ def _train(
     )
     params = alg.meta_parameters(dict(model.named_parameters()))  # with log λ when learned
     opt = torch.optim.Adam(params.values(), lr=cfg.outer_lr, eps=cfg.adam_eps)
+    meta_step = MetaStep(alg, mode=cfg.cuda_graph)  # CUDA graph replay where it applies
     task_gen = torch.Generator().manual_seed(cfg.seed + TASK_STREAM)
     metric = families["train"].metric
     higher = HIGHER_IS_BETTER[metric]
@@ -366,14 +381,17 @@ def _train(
                     .to(device)
                 )
                 # this rank's share of the tasks; the mean meta-gradient over all ranks
-                grads, stats = alg.meta_grad(params, d.take(batch), allow_empty=d.enabled)
-                grads = distributed.mean_over_ranks(d, grads, int((~stats["skipped"]).sum()))
-                stats = distributed.gather_tasks(d, stats)
+                grads, stats = meta_step(params, d.take(batch), allow_empty=d.enabled)
+                if d.enabled:
+                    kept = int((~stats["skipped"]).sum())
+                    grads = distributed.mean_over_ranks(d, grads, kept)
+                    stats = distributed.gather_tasks(d, stats)
                 for k, p in params.items():
                     p.grad = grads[k]
                 before = {k: p.detach().clone() for k, p in params.items()}
                 opt.step()
-                if not all(bool(torch.isfinite(p).all()) for p in params.values()):
+                finite = torch.stack([torch.isfinite(p).all() for p in params.values()]).all()
+                if not bool(finite):
                     with torch.no_grad():  # never keep (or save) non-finite parameters
                         for k, p in params.items():
                             p.copy_(before[k])
@@ -391,7 +409,7 @@ def _train(
                     if writer is not None:
                         for k, v in record.items():
                             writer.add_scalar(f"train/{k}", v, step)
-                skip_window.append(float(stats["skipped"].double().mean()))
+                skip_window.append(record["skipped_frac"])
                 if len(skip_window) >= 20 and sum(skip_window[-20:]) / 20 > cfg.max_skip_frac:
                     save(last_path, "last")
                     raise ValueError(
@@ -453,6 +471,7 @@ def _train(
         "seconds": elapsed,
         "seconds_per_step": elapsed / max(steps_this_run, 1),
         "stopped_by": stopped_by,
+        "cuda_graph": {"replays": meta_step.replays, "fallback": meta_step.fallback_reason},
         "best": best,
         "out": str(out),
     }

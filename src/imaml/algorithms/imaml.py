@@ -53,6 +53,8 @@ class IMAML(MetaAlgorithm):
         hvp_mode: str = "rev",
         learn_lam: str = "none",
         batched: bool = True,
+        flat: bool = True,
+        task_chunk: int | None = None,
     ):
         super().__init__(
             model=model,
@@ -65,6 +67,9 @@ class IMAML(MetaAlgorithm):
             inner_tol=inner_tol,
             inner_options=inner_options,
             batched=batched,
+            # one λ per tensor needs the tensors apart (Λ is keyed by parameter name)
+            flat=flat and learn_lam != "per_tensor",
+            task_chunk=task_chunk,
         )
         check_hyperparameters(lam=lam, steps=cg_steps, solver=solver)
         _check_float("cg_tol", cg_tol, positive=False)
@@ -87,6 +92,9 @@ class IMAML(MetaAlgorithm):
         self.learn_lam = learn_lam
 
     # -- λ as a meta-parameter ------------------------------------------------------
+    def is_network_key(self, key: str) -> bool:
+        return not key.startswith(LOG_LAM)
+
     def meta_parameters(self, model_params: Params) -> Params:
         if self.learn_lam == "none":
             return model_params
