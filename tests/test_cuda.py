@@ -35,7 +35,11 @@ def test_cuda_matches_cpu_in_float64(algo):
 
 
 @cuda
-def test_cuda_vmap_equals_loop_in_float32():
+def test_cuda_vmap_equals_loop_in_float32(monkeypatch):
+    # in true float32: cuDNN's default TF32 convolutions (10-bit mantissa) differ between
+    # the grouped (vmap) and per-task convolutions, and 16 inner steps plus the solve on
+    # an indefinite system amplify that to ~10% (measured on an H100)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     model, theta, batch = setup("cuda", torch.float32)
     a = make_algorithm("imaml", model=model, inner_steps=4).meta_grad(theta, batch)[0]
     b = make_algorithm("imaml", model=model, inner_steps=4, batched=False).meta_grad(theta, batch)[

@@ -19,14 +19,18 @@ def gd(
     phi = phi0
     active, iters = start(phi0)
     gn = None
-    for _ in range(steps):
+    for i in range(steps):
         g = g_fn(phi)
-        active, gn = still_active(active, g, tol)
+        if tol > 0 or i == steps - 1:  # with tol = 0 only the last norm is reported
+            active, gn = still_active(active, g, tol)
         if tol > 0 and all_stopped(active):
             break
         new = {k: phi[k] - lr * g[k] for k in phi}
         phi = new if tol == 0 else where(active, new, phi)
-        iters = iters + active.long()
+        if tol > 0:
+            iters = iters + active.long()
+    if tol == 0:
+        iters = iters + steps
     return phi, {"iterations": iters, "grad_norm": gn if gn is not None else iters * 0.0}
 
 
@@ -46,14 +50,18 @@ def momentum(
     v = {k: 0.0 * p for k, p in phi0.items()}
     active, iters = start(phi0)
     gn = None
-    for _ in range(steps):
+    for i in range(steps):
         g = g_fn(phi)
-        active, gn = still_active(active, g, tol)
+        if tol > 0 or i == steps - 1:
+            active, gn = still_active(active, g, tol)
         if tol > 0 and all_stopped(active):
             break
         v_new = {k: beta * v[k] + g[k] for k in phi}
         step = {k: g[k] + beta * v_new[k] for k in phi} if nesterov else v_new
         new = {k: phi[k] - lr * step[k] for k in phi}
         phi, v = (new, v_new) if tol == 0 else (where(active, new, phi), where(active, v_new, v))
-        iters = iters + active.long()
+        if tol > 0:
+            iters = iters + active.long()
+    if tol == 0:
+        iters = iters + steps
     return phi, {"iterations": iters, "grad_norm": gn if gn is not None else iters * 0.0}

@@ -1,0 +1,101 @@
+"""Where the GPU time of an iMAML meta-step goes, and which cuDNN settings pay.
+
+omniglot-5w1s network, meta-batch 32, 16 inner GD steps, 5 MINRES steps, 1 query image
+per class. (1) The CUDA-graph meta-step timed under cuDNN's defaults, with
+``cudnn.benchmark`` (autotuned convolution algorithms; the shapes never change, so the
+tuning is paid once), and without TF32 convolutions (true float32). (2) One eager
+meta-step under ``torch.profiler``: the number of kernels, their summed device time (the
+floor a graph replay cannot go under) and the top kernels, written to
+``profile_cuda.txt``. On a machine without CUDA only the CPU part of (2) runs.
+
+    python benchmarks/gpu_profile.py [--out docs/benchmarks/gpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import torch
+from gpu_step import batch_of
+from torch.profiler import ProfilerActivity, profile
+
+from imaml import make_algorithm
+from imaml.cuda_graph import MetaStep
+from imaml.models import OmniglotConvNet
+
+from common import OUT, machine, timeit
+
+VARIANTS = {
+    "default": {},
+    "cudnn.benchmark": {"benchmark": True},
+    "no TF32": {"allow_tf32": False},
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--tasks", type=int, default=32)
+    ap.add_argument("--channels", type=int, default=64)
+    ap.add_argument("--out", type=pathlib.Path, default=OUT / "gpu")
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    g = torch.Generator().manual_seed(0)
+    model = OmniglotConvNet(5, channels=args.channels, generator=g).to(device)
+    params = dict(model.named_parameters())
+    batch = batch_of(args.tasks, 1, device, g)
+    alg = make_algorithm("imaml", model=model, lam=2.0, inner_steps=16, inner_lr=0.1)
+    rows = []
+    if cuda:
+        for name, flags in VARIANTS.items():
+            saved = {k: getattr(torch.backends.cudnn, k) for k in flags}
+            for k, v in flags.items():
+                setattr(torch.backends.cudnn, k, v)
+            step = MetaStep(alg, mode="on")
+            t = timeit(lambda step=step: step(params, batch), repeats=args.repeats, warmup=2)
+            for k, v in saved.items():
+                setattr(torch.backends.cudnn, k, v)
+            rows.append({"variant": name, "ms": 1000 * t["median_s"], **t})
+            print(f"graph, {name:16s} {1000 * t['median_s']:7.2f} ms", flush=True)
+
+    eager = lambda: alg.meta_grad(params, batch)
+    eager()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        eager()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    summary = {}
+    if cuda:
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        summary = {
+            "kernels_per_meta_step": len(kernels),
+            "summed_kernel_ms": sum(e.time_range.elapsed_us() for e in kernels) / 1000,
+        }
+        print(json.dumps(summary))
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    table = events.table(sort_by=sort, row_limit=25)
+    args.out.mkdir(parents=True, exist_ok=True)
+    header = (
+        "# One eager iMAML meta-step (vmap, flat parameters), omniglot-5w1s network, "
+        f"meta-batch {args.tasks}, 16 inner steps, 5 MINRES steps\n"
+        f"# {machine()}\n# {json.dumps(summary)}\n"
+    )
+    (args.out / ("profile_cuda.txt" if cuda else "profile_eager_cpu.txt")).write_text(
+        header + table + "\n"
+    )
+    payload = {"machine": machine(), "graph_variants": rows, **summary}
+    (args.out / "gpu_profile.json").write_text(json.dumps(payload, indent=1))
+    print(table[:3000])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
