@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     model = OmniglotConvNet(5, channels=args.channels, generator=g).to(device)
     params = dict(model.named_parameters())
     batch = batch_of(args.tasks, 1, device, g)
-    alg = make_algorithm("imaml", model=model, lam=2.0, inner_steps=16, inner_lr=0.1)
+    alg = make_algorithm("imaml", model=model, lam=2.0, inner_steps=16, inner_lr=0.1, flat=True)
     rows = []
     if cuda:
         for name, flags in VARIANTS.items():

@@ -84,8 +84,8 @@ def main(argv=None) -> int:
         imaml = lambda **kw: make_algorithm("imaml", **hp, **kw)
         run("loop", imaml(batched=False), batch, graph=False, repeats=args.loop_repeats, queries=q)
         run("vmap", imaml(flat=False), batch, graph=False, repeats=args.repeats, queries=q)
-        run("vmap-flat", imaml(), batch, graph=False, repeats=args.repeats, queries=q)
-        run("graph", imaml(), batch, graph=True, repeats=args.repeats, queries=q)
+        run("vmap-flat", imaml(flat=True), batch, graph=False, repeats=args.repeats, queries=q)
+        run("graph", imaml(flat=True), batch, graph=True, repeats=args.repeats, queries=q)
         run("graph-dict", imaml(flat=False), batch, graph=True, repeats=args.repeats, queries=q)
         if q == 1:
             for algo in ("maml", "fomaml", "reptile"):

@@ -3,7 +3,8 @@
 omniglot-5w1s network, meta-batch 32, 16 inner GD steps (lr 0.1), λ = 2, 5 CG steps, 15
 query images per class (as in MEASURED.md's peer table). Every implementation runs in a
 fresh process (so peak RSS is its own): one warm-up meta-step, then the median of
-``--repeats``. Ours is run with CG (TorchOpt's solver) and with MINRES (our default).
+``--repeats``. Ours is run with CG (TorchOpt's solver) and with MINRES (our default),
+and with CG vmapped over 8 tasks at a time (``task_chunk=8``, bounding memory).
 Writes docs/benchmarks/peers.json; needs ``pip install -e .[bench]`` for TorchOpt.
 
     python benchmarks/peers.py [--repeats 3] [--queries 15]
@@ -25,7 +26,7 @@ from imaml.models import OmniglotConvNet
 
 from common import peak_rss_mib, timeit, write
 
-IMPLS = ("ours-vmap-cg", "ours-vmap-minres", "ours-loop-cg", "torchopt-cg")
+IMPLS = ("ours-vmap-cg", "ours-vmap-minres", "ours-chunk8-cg", "ours-loop-cg", "torchopt-cg")
 LAM, STEPS, LR, CG = 2.0, 16, 0.1, 5
 
 
@@ -89,7 +90,8 @@ def run_one(impl: str, args) -> dict:
             inner_lr=LR,
             cg_steps=CG,
             solver=solver,
-            batched=path == "vmap",
+            batched=path != "loop",
+            task_chunk=8 if path == "chunk8" else None,  # vmap over 8 tasks at a time
         )
         params = dict(model.named_parameters())
         fn = lambda: alg.meta_grad(params, batch)

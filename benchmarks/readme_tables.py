@@ -20,6 +20,26 @@ def pct(x, ci):
     return f"{100 * x:.1f} ± {100 * ci:.1f}"
 
 
+def fig2b_table(r) -> None:
+    algos = sorted({x["algo"] for x in r["rows"]})
+    steps = sorted({x["inner_steps"] for x in r["rows"]})
+    cell = {(x["algo"], x["inner_steps"]): x for x in r["rows"]}
+    print("| inner steps | " + " | ".join(f"{a} s / peak MiB" for a in algos) + " |")
+    print("|---|" + "---|" * len(algos))
+    for k in steps:
+        row = []
+        for a in algos:
+            x = cell.get((a, k))
+            if x is None:
+                row.append("–")
+            elif "error" in x:
+                row.append(x["error"])
+            else:
+                row.append(f"{x['seconds']:.2f} / {x['peak_mib']:.0f}")
+        print(f"| {k} | " + " | ".join(row) + " |")
+    print()
+
+
 def main() -> int:
     r = load("omniglot_5w1s_cpu_baselines")
     if r:
@@ -100,24 +120,36 @@ def main() -> int:
                 f"{x.get('rss_ratio_to_ours_vmap_cg', float('nan')):.2f}× |"
             )
         print()
-    r = load("fig2b_cost")
+    for name in ("fig2b_cost", "gpu/fig2b_cost_cuda"):
+        r = load(name)
+        if r:
+            fig2b_table(r)
+    r = load("gpu/gpu_step")
     if r:
-        algos = sorted({x["algo"] for x in r["rows"]})
-        steps = sorted({x["inner_steps"] for x in r["rows"]})
-        cell = {(x["algo"], x["inner_steps"]): x for x in r["rows"] if "error" not in x}
-        print("| inner steps | " + " | ".join(f"{a} s / peak MiB" for a in algos) + " |")
-        print("|---|" + "---|" * len(algos))
-        for k in steps:
+        print(f"{r['machine']['cuda']}, torch {r['machine']['torch']}:")
+        print()
+        print("| algorithm | query images / class | path | ms / meta-step | peak CUDA memory |")
+        print("|---|---|---|---|---|")
+        for x in r["rows"]:
+            if "error" in x:
+                print(f"| {x['algo']} | {x['queries']} | {x['variant']} | failed: {x['error']} | |")
+                continue
             print(
-                f"| {k} | "
-                + " | ".join(
-                    f"{cell[(a, k)]['seconds']:.2f} / {cell[(a, k)]['peak_mib']:.0f}"
-                    if (a, k) in cell
-                    else "–"
-                    for a in algos
-                )
-                + " |"
+                f"| {x['algo']} | {x['queries']} | {x['variant']} | {x['ms']:.1f} | "
+                f"{x['peak_mib']:.0f} MiB |"
             )
+        print()
+    r = load("gpu/gpu_profile")
+    if r:
+        print("| CUDA-graph meta-step, cuDNN setting | ms |")
+        print("|---|---|")
+        for x in r["graph_variants"]:
+            print(f"| {x['variant']} | {x['ms']:.1f} |")
+        print()
+        print(
+            f"Eager meta-step: {r['kernels_per_meta_step']} kernels, "
+            f"{r['summed_kernel_ms']:.1f} ms of summed kernel time."
+        )
         print()
     r = load("distributed_throughput")
     if r:

@@ -45,7 +45,8 @@ def setup(device="cpu", dtype=torch.float32, T=3, channels=4, seed=0):
 
 CASES = [
     ("imaml", {}),
-    ("imaml", {"solver": "cg"}),
+    ("imaml", {"flat": True}),
+    ("imaml", {"solver": "cg", "flat": True}),
     ("imaml", {"solver": "neumann"}),
     ("imaml", {"learn_lam": "scalar"}),
     ("imaml", {"learn_lam": "per_tensor"}),
@@ -54,9 +55,9 @@ CASES = [
     ("imaml", {"inner_solver": "newton_cg", "inner_steps": 2}),
     ("imaml", {"inner_solver": "lbfgs", "inner_steps": 2}),
     ("imaml", {"flat": False, "task_chunk": 2}),
-    ("maml", {}),
-    ("fomaml", {}),
-    ("reptile", {}),
+    ("maml", {"flat": True}),
+    ("fomaml", {"flat": True}),
+    ("reptile", {"flat": True}),
 ]
 
 
@@ -72,6 +73,39 @@ def test_meta_step_never_reads_the_device_on_the_host(algo, kw):
     with RecordSyncs() as rec:
         alg.meta_grad(theta, batch)
     assert rec.seen
+
+
+@pytest.mark.parametrize("algo", ["imaml", "maml", "fomaml", "reptile"])
+def test_flat_parameters_equal_the_per_tensor_path_in_float64(algo):
+    model, theta, batch = setup(dtype=torch.float64, T=4)
+    out = {}
+    for name, kw in {
+        "flat": {"flat": True},
+        "dict": {"flat": False},
+        "loop": {"batched": False},
+    }.items():
+        out[name] = make_algorithm(algo, model=model, inner_steps=4, **kw).meta_grad(theta, batch)
+    for name in ("flat", "dict"):
+        assert set(out[name][0]) == set(theta)
+        assert rel(out[name][0], out["loop"][0]) < 1e-12
+        for k, v in out["loop"][1].items():
+            assert torch.allclose(out[name][1][k].double(), v.double(), rtol=1e-12, atol=1e-14), k
+
+
+def test_flat_with_a_learned_scalar_lam_equals_the_loop():
+    model, theta, batch = setup(dtype=torch.float64, T=3)
+    out = []
+    for kw in ({"flat": True}, {"batched": False}):
+        alg = make_algorithm("imaml", model=model, inner_steps=3, learn_lam="scalar", **kw)
+        out.append(alg.meta_grad(alg.meta_parameters(theta), batch)[0])
+    assert set(out[0]) == set(out[1])
+    assert rel(out[0], out[1]) < 1e-12
+
+
+def test_flat_must_be_a_bool_or_none():
+    model, _, _ = setup()
+    with pytest.raises(ValueError, match="flat"):
+        make_algorithm("imaml", model=model, flat="yes")
 
 
 def test_task_chunks_equal_the_whole_batch():

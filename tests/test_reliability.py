@@ -345,6 +345,11 @@ def test_config_file_values_apply_and_flags_win(tmp_path):
         (["--preset", "omniglot-2w1s"], "unknown preset"),
         (["--solver", "gmres"], "unknown solver"),
         (["--max-skip-frac", "2"], "max_skip_frac"),
+        (["--flat", "sometimes"], "flat"),
+        (["--cuda-graph", "always"], "cuda_graph"),
+        (["--task-chunk", "0"], "task_chunk"),
+        (["--cuda-graph", "on", "--no-batched"], "batched"),
+        (["--cuda-graph", "on", "--device", "cpu"], "needs a CUDA device"),
     ],
 )
 def test_invalid_cli_values_exit_2_in_one_line(argv, match, tmp_path, capsys):

@@ -57,8 +57,9 @@ HELP = {
     "dtype": "float32 or float64",
     "threads": "CPU threads for PyTorch (default: PyTorch's choice)",
     "batched": "vmap over the tasks of a meta-batch (--no-batched: per-task loop, the reference path)",
-    "flat": "batched path: carry the network's tensors as one flat vector, so each element-wise "
-    "step is one kernel (--no-flat: one per tensor; same math)",
+    "flat": "auto, on or off: on the batched path carry the network's tensors as one flat "
+    "vector, so each element-wise step is one kernel instead of one per tensor (same math; "
+    "auto: on CUDA, where it is faster; on 2 CPU cores it is slower)",
     "task_chunk": "vmap over at most N tasks at a time: bounds peak memory at some speed "
     "(default: the whole meta-batch at once)",
     "cuda_graph": "auto, on or off: on CUDA, capture the whole meta-step (inner loop, linear "
@@ -156,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate a trained run on test tasks",
         description=(
             "Adapt to each test task with the run's inner loop and report the mean query score with "
-            "a 95%% confidence interval (1.96·σ/√n). Writes RUN_DIR/eval.json."
+            "a 95% confidence interval (1.96·σ/√n). Writes RUN_DIR/eval.json."
         ),
     )
     e.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by 'imaml train'")

@@ -91,7 +91,7 @@ class Config:
     dtype: str = "float32"
     threads: int | None = None
     batched: bool = True
-    flat: bool = True  # batched path: the network's tensors as one vector (fewer kernels)
+    flat: str = "auto"  # auto | on | off: the network's tensors as one vector (auto: CUDA)
     task_chunk: int | None = None  # vmap over this many tasks at a time (bounds memory)
     cuda_graph: str = "auto"  # auto | on | off: replay the meta-step as a CUDA graph
 
@@ -134,7 +134,7 @@ class Config:
             "lam_damping": self.lam_damping,
             "hvp_mode": self.hvp_mode,
             "batched": self.batched,
-            "flat": self.flat,
+            "flat": {"auto": None, "on": True, "off": False}[self.flat],
             "task_chunk": self.task_chunk,
             "inner_tol": self.inner_tol,
             "inner_options": {"cg_steps": self.inner_cg_steps},
@@ -226,6 +226,7 @@ def validate(cfg: Config) -> None:
     if cfg.task_chunk is not None:
         _int(cfg, "task_chunk", 1)
     _choice(cfg, "cuda_graph", ("auto", "on", "off"))
+    _choice(cfg, "flat", ("auto", "on", "off"))
     if cfg.cuda_graph == "on" and not cfg.batched:
         raise ConfigError("cuda_graph on needs the batched path (drop --no-batched)")
     _num(cfg, "lam", positive=cfg.algo == "imaml", allow_none=True)

@@ -25,7 +25,7 @@ import torch
 from . import distributed
 from .algorithms import make_algorithm
 from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
-from .config import RUNTIME_FIELDS, Config
+from .config import RUNTIME_FIELDS, Config, ConfigError
 from .cuda_graph import MetaStep
 from .data import make_task_families
 from .data.omniglot import _writable
@@ -283,6 +283,8 @@ def _train(
     last_path, best_path = out / "last.pt", out / "best.pt"
 
     device, dtype = setup_runtime(cfg)
+    if cfg.cuda_graph == "on" and device.type != "cuda":
+        raise ConfigError(f"cuda_graph on needs a CUDA device; this run is on {device}")
     families, split_info = make_task_families(cfg, progress=progress)
     model_gen = torch.Generator().manual_seed(cfg.seed)
     model = families["train"].make_model(model_gen).to(device=device, dtype=dtype)

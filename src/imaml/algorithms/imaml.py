@@ -53,7 +53,7 @@ class IMAML(MetaAlgorithm):
         hvp_mode: str = "rev",
         learn_lam: str = "none",
         batched: bool = True,
-        flat: bool = True,
+        flat: bool | None = None,
         task_chunk: int | None = None,
     ):
         super().__init__(
@@ -68,7 +68,7 @@ class IMAML(MetaAlgorithm):
             inner_options=inner_options,
             batched=batched,
             # one λ per tensor needs the tensors apart (Λ is keyed by parameter name)
-            flat=flat and learn_lam != "per_tensor",
+            flat=False if learn_lam == "per_tensor" else flat,
             task_chunk=task_chunk,
         )
         check_hyperparameters(lam=lam, steps=cg_steps, solver=solver)
