@@ -4,7 +4,8 @@
 # float64), milliseconds per meta-step (per-task loop, eager vmap, CUDA graph;
 # benchmarks/gpu_step.py), Figure 2(b) on the GPU, and an omniglot-5w1s training run
 # (the paper's schedule of up to 20,000 meta-steps, stopped by a time budget) with a
-# 600-task test evaluation. About 8 minutes in all; every stage has its own time limit,
+# 600-task test evaluation. 400 s on an H100 with 220 s of training (2026-11-26); every
+# stage has its own time limit,
 # so one failing stage does not cost the others. Results go to $OUT (default
 # docs/benchmarks/gpu): log.txt, gpu_step.json, fig2b_cost_cuda.{json,png}, eval-600.json,
 # eval-600-lam0.json,
