@@ -16,6 +16,20 @@ def f64():
     torch.set_default_dtype(old)
 
 
+def conv_setup(dtype=torch.float32, T=3, *, channels=4, seed=0, device="cpu"):
+    """(model, θ, TaskBatch): the paper's Omniglot network, narrowed to ``channels``, and T
+    random 5-way 1-shot tasks (1 query image per class)."""
+    from imaml import TaskBatch
+    from imaml.models import OmniglotConvNet
+
+    g = torch.Generator().manual_seed(seed)
+    model = OmniglotConvNet(5, channels=channels, generator=g).to(device=device, dtype=dtype)
+    x = lambda: torch.rand(T, 5, 1, 28, 28, generator=g, dtype=dtype)
+    y = torch.arange(5).repeat(T, 1)
+    theta = {k: v.detach() for k, v in model.named_parameters()}
+    return model, theta, TaskBatch(x(), y, x(), y).to(device)
+
+
 def rel(a, b):
     """Global relative difference ‖a − b‖/‖b‖ of two tensors or two parameter dicts."""
     if isinstance(a, dict):

@@ -5,9 +5,8 @@ from torch.func import grad
 from imaml import ALGORITHMS, TaskBatch, adapt, make_algorithm
 from imaml.data.linear import LinearRegressionTasks, exact_meta_grad
 from imaml.data.sinusoid import SinusoidTasks
-from imaml.models import OmniglotConvNet
 
-from conftest import rel
+from conftest import conv_setup, rel
 
 
 def sinusoid_setup(T=3, seed=0):
@@ -16,14 +15,6 @@ def sinusoid_setup(T=3, seed=0):
     model = fam.make_model(g).double()
     batch = fam.sample(T, generator=g, dtype=torch.float64)
     return model, {k: v.detach() for k, v in model.named_parameters()}, batch
-
-
-def conv_setup(dtype, T=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    model = OmniglotConvNet(5, channels=4, generator=g).to(dtype)
-    x = lambda: torch.rand(T, 5, 1, 28, 28, generator=g, dtype=dtype)
-    y = torch.arange(5).repeat(T, 1)
-    return model, {k: v.detach() for k, v in model.named_parameters()}, TaskBatch(x(), y, x(), y)
 
 
 def test_maml_matches_central_finite_differences():

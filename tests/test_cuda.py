@@ -3,24 +3,11 @@
 import pytest
 import torch
 
-from imaml import TaskBatch, make_algorithm
-from imaml.models import OmniglotConvNet
+from imaml import make_algorithm
 
-from conftest import rel
+from conftest import conv_setup, rel
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-
-
-def setup(device, dtype, T=4):
-    g = torch.Generator().manual_seed(0)
-    model = OmniglotConvNet(5, channels=8, generator=g).to(device=device, dtype=dtype)
-    x = lambda: torch.rand(T, 5, 1, 28, 28, generator=g, dtype=dtype)
-    y = torch.arange(5).repeat(T, 1)
-    return (
-        model,
-        {k: v.detach() for k, v in model.named_parameters()},
-        TaskBatch(x(), y, x(), y).to(device),
-    )
 
 
 @cuda
@@ -28,7 +15,7 @@ def setup(device, dtype, T=4):
 def test_cuda_matches_cpu_in_float64(algo):
     out = []
     for device in ("cpu", "cuda"):
-        model, theta, batch = setup(device, torch.float64)
+        model, theta, batch = conv_setup(torch.float64, T=4, channels=8, device=device)
         g, _ = make_algorithm(algo, model=model, inner_steps=4).meta_grad(theta, batch)
         out.append({k: v.cpu() for k, v in g.items()})
     assert rel(out[1], out[0]) < 1e-9
@@ -40,7 +27,7 @@ def test_cuda_vmap_equals_loop_in_float32(monkeypatch):
     # the grouped (vmap) and per-task convolutions, and 16 inner steps plus the solve on
     # an indefinite system amplify that to ~10% (measured on an H100)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    model, theta, batch = setup("cuda", torch.float32)
+    model, theta, batch = conv_setup(torch.float32, T=4, channels=8, device="cuda")
     a = make_algorithm("imaml", model=model, inner_steps=4).meta_grad(theta, batch)[0]
     b = make_algorithm("imaml", model=model, inner_steps=4, batched=False).meta_grad(theta, batch)[
         0

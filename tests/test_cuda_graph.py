@@ -7,9 +7,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from imaml import TaskBatch, make_algorithm
 from imaml.cuda_graph import MetaStep
-from imaml.models import OmniglotConvNet
 
-from conftest import rel
+from conftest import conv_setup, rel
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -34,15 +33,6 @@ class RecordSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def setup(device="cpu", dtype=torch.float32, T=3, channels=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    model = OmniglotConvNet(5, channels=channels, generator=g).to(device=device, dtype=dtype)
-    x = lambda: torch.rand(T, 5, 1, 28, 28, generator=g, dtype=dtype)
-    y = torch.arange(5).repeat(T, 1)
-    theta = {k: v.detach() for k, v in model.named_parameters()}
-    return model, theta, TaskBatch(x(), y, x(), y).to(device)
-
-
 CASES = [
     ("imaml", {}),
     ("imaml", {"flat": True}),
@@ -63,7 +53,7 @@ CASES = [
 
 @pytest.mark.parametrize(("algo", "kw"), CASES)
 def test_meta_step_never_reads_the_device_on_the_host(algo, kw):
-    model, theta, batch = setup()
+    model, theta, batch = conv_setup()
     alg = make_algorithm(algo, model=model, **{"inner_steps": 3, **kw})
     theta = alg.meta_parameters(theta)
     with RecordSyncs() as rec:
@@ -77,7 +67,7 @@ def test_meta_step_never_reads_the_device_on_the_host(algo, kw):
 
 @pytest.mark.parametrize("algo", ["imaml", "maml", "fomaml", "reptile"])
 def test_flat_parameters_equal_the_per_tensor_path_in_float64(algo):
-    model, theta, batch = setup(dtype=torch.float64, T=4)
+    model, theta, batch = conv_setup(torch.float64, T=4)
     out = {}
     for name, kw in {
         "flat": {"flat": True},
@@ -93,7 +83,7 @@ def test_flat_parameters_equal_the_per_tensor_path_in_float64(algo):
 
 
 def test_flat_with_a_learned_scalar_lam_equals_the_loop():
-    model, theta, batch = setup(dtype=torch.float64, T=3)
+    model, theta, batch = conv_setup(torch.float64, T=3)
     out = []
     for kw in ({"flat": True}, {"batched": False}):
         alg = make_algorithm("imaml", model=model, inner_steps=3, learn_lam="scalar", **kw)
@@ -103,13 +93,13 @@ def test_flat_with_a_learned_scalar_lam_equals_the_loop():
 
 
 def test_flat_must_be_a_bool_or_none():
-    model, _, _ = setup()
+    model, _, _ = conv_setup()
     with pytest.raises(ValueError, match="flat"):
         make_algorithm("imaml", model=model, flat="yes")
 
 
 def test_task_chunks_equal_the_whole_batch():
-    model, theta, batch = setup(dtype=torch.float64, T=5)
+    model, theta, batch = conv_setup(torch.float64, T=5)
     a = make_algorithm("imaml", model=model, inner_steps=3).meta_grad(theta, batch)
     b = make_algorithm("imaml", model=model, inner_steps=3, task_chunk=2).meta_grad(theta, batch)
     assert rel(b[0], a[0]) < 1e-12
@@ -117,13 +107,13 @@ def test_task_chunks_equal_the_whole_batch():
 
 
 def test_bad_task_chunk_is_rejected():
-    model, _, _ = setup()
+    model, _, _ = conv_setup()
     with pytest.raises(ValueError, match="task_chunk"):
         make_algorithm("imaml", model=model, task_chunk=0)
 
 
 def test_meta_step_falls_back_to_eager_on_cpu():
-    model, theta, batch = setup(dtype=torch.float64)
+    model, theta, batch = conv_setup(torch.float64)
     alg = make_algorithm("imaml", model=model, inner_steps=3)
     step = MetaStep(alg, mode="auto")
     g, stats = step(theta, batch)
@@ -142,11 +132,11 @@ def test_meta_step_falls_back_to_eager_on_cpu():
 @cuda
 @pytest.mark.parametrize("algo", ["imaml", "maml", "fomaml", "reptile"])
 def test_graph_replay_equals_eager_for_fresh_inputs(algo):
-    model, theta, _ = setup("cuda", channels=16, T=4)
+    model, theta, _ = conv_setup(device="cuda", channels=16, T=4)
     alg = make_algorithm(algo, model=model, inner_steps=4)
     step = MetaStep(alg, mode="on")
     for seed in range(3):  # new parameters and tasks each call: the static inputs are refreshed
-        _, _, batch = setup("cuda", channels=16, T=4, seed=seed + 1)
+        _, _, batch = conv_setup(device="cuda", channels=16, T=4, seed=seed + 1)
         theta = {k: v + 0.01 * seed for k, v in theta.items()}
         g, stats = step(theta, batch)
         ref, ref_stats = alg.meta_grad(theta, batch)
@@ -157,11 +147,11 @@ def test_graph_replay_equals_eager_for_fresh_inputs(algo):
 
 @cuda
 def test_graph_recaptures_for_a_new_batch_shape():
-    model, theta, batch = setup("cuda", T=4)
+    model, theta, batch = conv_setup(device="cuda", T=4)
     alg = make_algorithm("imaml", model=model, inner_steps=3)
     step = MetaStep(alg, mode="on")
     step(theta, batch)
-    _, _, small = setup("cuda", T=2, seed=5)
+    _, _, small = conv_setup(device="cuda", T=2, seed=5)
     g, _ = step(theta, small)
     assert rel(g, alg.meta_grad(theta, small)[0]) < 1e-5
     assert len(step.graphs) == 2
@@ -169,7 +159,7 @@ def test_graph_recaptures_for_a_new_batch_shape():
 
 @cuda
 def test_graph_replay_raises_when_every_task_is_non_finite():
-    model, theta, batch = setup("cuda", T=2)
+    model, theta, batch = conv_setup(device="cuda", T=2)
     alg = make_algorithm("imaml", model=model, inner_steps=3)
     step = MetaStep(alg, mode="on")
     step(theta, batch)

@@ -89,10 +89,14 @@ def device_for(name: str) -> str:
     return name
 
 
-def mean_over_ranks(d: Dist, grads: dict[str, torch.Tensor], kept: int) -> dict[str, torch.Tensor]:
-    """Σ_r kept_r·grads_r / Σ_r kept_r over all ranks (identity for one process)."""
+def mean_over_ranks(
+    d: Dist, grads: dict[str, torch.Tensor], skipped: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Σ_r kept_r·grads_r / Σ_r kept_r over all ranks, kept_r the number of this rank's
+    tasks not ``skipped`` (identity for one process, with no host-device synchronisation)."""
     if not d.enabled:
         return grads
+    kept = int((~skipped).sum())
     keys = list(grads)
     ref = grads[keys[0]]
     flat = torch.cat(

@@ -50,15 +50,19 @@ def detach(a: Mapping[str, Tensor]) -> Params:
 
 
 def ravel(a: Params) -> tuple[Tensor, Callable[[Tensor], Params]]:
-    """Flatten a dict into one vector; return it with the inverse map."""
+    """Flatten a dict into one vector; return it with the inverse map.
+
+    The inverse splits the last dimension and keeps any leading ones (a stack of vectors
+    of shape (T, n) becomes a dict of (T, *shape) tensors); its pieces are views."""
     keys = list(a)
     shapes = [a[k].shape for k in keys]
     sizes = [a[k].numel() for k in keys]
     flat = torch.cat([a[k].reshape(-1) for k in keys]) if keys else torch.zeros(0)
 
     def unravel(v: Tensor) -> Params:
-        parts = torch.split(v, sizes)
-        return {k: p.reshape(s) for k, p, s in zip(keys, parts, shapes, strict=True)}
+        lead = v.shape[:-1]
+        parts = torch.split(v, sizes, dim=-1)
+        return {k: p.reshape(lead + s) for k, p, s in zip(keys, parts, shapes, strict=True)}
 
     return flat, unravel
 

@@ -62,32 +62,22 @@ def summarize(stats: dict[str, torch.Tensor]) -> dict[str, float]:
 
     Computed on the device and copied to the host in one transfer (one synchronisation per
     meta-step instead of one per statistic)."""
-    skipped = stats.get("skipped")
-    names, values = [], []
-    if skipped is not None:
-        keep = (~skipped).double()
-        n_keep = keep.sum()
-        names.append("skipped_frac")
-        values.append(skipped.double().mean())
+    first = next(iter(stats.values()))
+    skipped = stats.get("skipped", torch.zeros_like(first, dtype=torch.bool))
+    kept = ~skipped
+    n_kept = kept.sum()
+    names, values = ["skipped_frac"], [skipped.double().mean()]
     for k, v in stats.items():
         if k == "skipped":
             continue
-        v = v.detach().double()
-        if skipped is None:
-            mean, vmax = v.mean(), v.max()
-        else:  # over the kept tasks (NaN where none is kept)
-            mean = torch.where(keep > 0, v, torch.zeros_like(v)).sum() / n_keep
-            vmax = torch.where(keep > 0, v, torch.full_like(v, -torch.inf)).max()
-            vmax = torch.where(n_keep > 0, vmax, torch.full_like(vmax, torch.nan))
+        v = v.detach().double()  # over the kept tasks (NaN where none is kept)
         names.append("negative_curvature_frac" if k == "negative_curvature" else k)
-        values.append(mean)
+        values.append(torch.where(kept, v, 0.0).sum() / n_kept)
         if k in ("inner_grad_norm", "solver_residual", "inner_iterations"):
+            vmax = torch.where(kept, v, -torch.inf).max()
             names.append(k + "_max")
-            values.append(vmax)
-    host = torch.stack(values).cpu().tolist() if values else []
-    out = dict(zip(names, host, strict=True))
-    out.setdefault("skipped_frac", 0.0)
-    return out
+            values.append(torch.where(n_kept > 0, vmax, torch.nan))
+    return dict(zip(names, torch.stack(values).cpu().tolist(), strict=True))
 
 
 def _trim_metrics(path: Path, step: int) -> None:
@@ -384,10 +374,8 @@ def _train(
                 )
                 # this rank's share of the tasks; the mean meta-gradient over all ranks
                 grads, stats = meta_step(params, d.take(batch), allow_empty=d.enabled)
-                if d.enabled:
-                    kept = int((~stats["skipped"]).sum())
-                    grads = distributed.mean_over_ranks(d, grads, kept)
-                    stats = distributed.gather_tasks(d, stats)
+                grads = distributed.mean_over_ranks(d, grads, stats["skipped"])
+                stats = distributed.gather_tasks(d, stats)
                 for k, p in params.items():
                     p.grad = grads[k]
                 before = {k: p.detach().clone() for k, p in params.items()}

@@ -27,7 +27,7 @@ from torch.func import functional_call, grad, vmap
 
 from ..inner import VARIANTS, adapt, proximal_objective
 from ..models import LOSSES
-from ..params import Params, detach, norm
+from ..params import Params, detach, norm, ravel
 from ..solvers import get_inner_solver
 
 FLAT = "_flat"  # key of the flattened network parameters on the fast path
@@ -118,11 +118,11 @@ class MetaAlgorithm:
         self.flat = flat
         self.task_chunk = task_chunk
         self._loss_fn = LOSSES[loss]
-        self._layout: tuple | None = None  # (keys, shapes, sizes) of the flattened tensors
+        self._unravel = None  # inverse of the last ``pack`` (flat vector → named tensors)
 
     # -- losses as functions of a parameter dict ------------------------------------
     def loss_and_metric(self, params: Params, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
-        return self._loss_fn(functional_call(self.model, self.network_view(params), (x,)), y)
+        return self._loss_fn(functional_call(self.model, self.unpack(params), (x,)), y)
 
     # -- the flat layout of the fast path ---------------------------------------------
     def is_network_key(self, key: str) -> bool:
@@ -136,34 +136,17 @@ class MetaAlgorithm:
             return theta
         if self.flat is None and not all(v.is_cuda for v in theta.values()):
             return theta
-        keys = [k for k in theta if self.is_network_key(k)]
-        self._layout = (
-            keys,
-            [theta[k].shape for k in keys],
-            [theta[k].numel() for k in keys],
-        )
-        flat = torch.cat([theta[k].reshape(-1) for k in keys])
-        return {FLAT: flat, **{k: v for k, v in theta.items() if k not in keys}}
+        network = {k: v for k, v in theta.items() if self.is_network_key(k)}
+        flat, self._unravel = ravel(network)
+        return {FLAT: flat, **{k: v for k, v in theta.items() if k not in network}}
 
     def unpack(self, packed: Params) -> Params:
-        """Inverse of ``pack``; leading (task) dimensions are kept."""
+        """Inverse of ``pack``: the network's tensors by name, as views into the flat vector;
+        leading (task) dimensions are kept."""
         if FLAT not in packed:
             return packed
-        keys, shapes, sizes = self._layout
-        v = packed[FLAT]
-        lead = v.shape[:-1]
-        parts = torch.split(v, sizes, dim=-1)
-        out = {k: p.reshape(*lead, *s) for k, p, s in zip(keys, parts, shapes, strict=True)}
-        out.update({k: t for k, t in packed.items() if k != FLAT})
-        return out
-
-    def network_view(self, params: Params) -> Params:
-        """The network's parameters by name: views into the flat vector on the fast path."""
-        if FLAT not in params:
-            return params
-        keys, shapes, sizes = self._layout
-        parts = torch.split(params[FLAT], sizes)
-        return {k: p.view(s) for k, p, s in zip(keys, parts, shapes, strict=True)}
+        rest = {k: v for k, v in packed.items() if k != FLAT}
+        return {**self._unravel(packed[FLAT]), **rest}
 
     def loss_of(self, x: Tensor, y: Tensor) -> Callable[[Params], Tensor]:
         """p ↦ L(p) on the data (x, y)."""
