@@ -2,9 +2,14 @@
 # The GPU check, for a machine with CUDA and its own PyTorch, and no network. Runs the
 # project from source: the CUDA correctness tests (graph replay = eager, CUDA = CPU in
 # float64), milliseconds per meta-step (per-task loop, eager vmap, CUDA graph;
-# benchmarks/gpu_step.py), Figure 2(b) on the GPU, and an omniglot-5w1s training run
+# benchmarks/gpu_step.py; with COMPILE_S=N > 0 also the torch.compile variants within N
+# seconds, gpu_step_compiled.json: compiling took 5-6 minutes on 2 CPU cores and 233 s on
+# an H200 in MEASURED.md, so give it ~300 and a shorter training run, e.g.
+# `COMPILE_S=300 bash benchmarks/gpu_check.sh 60`), Figure 2(b) on the GPU, and an
+# omniglot-5w1s training run
 # (the paper's schedule of up to 20,000 meta-steps, stopped by a time budget) with a
-# 600-task test evaluation. 400 s on an H100 with 220 s of training (2026-11-26); every
+# 600-task test evaluation. 400 s on an H100 with 220 s of training (2026-11-26; the
+# compile stage was added later and has not run on a GPU yet); every
 # stage has its own time limit,
 # so one failing stage does not cost the others. Results go to $OUT (default
 # docs/benchmarks/gpu): log.txt, gpu_step.json, fig2b_cost_cuda.{json,png}, eval-600.json,
@@ -24,6 +29,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY=$(command -v "${PYTHON:-python3}")
 TRAIN_S=${1:-240}
+COMPILE_S=${COMPILE_S:-0}
 DEVICE=${DEVICE:-cuda}
 STEP_ARGS=${STEP_ARGS:---repeats 20}
 FIG2B_ARGS=${FIG2B_ARGS:---meta-batch 32 --time-cap 5 --repeats 2}
@@ -39,6 +45,11 @@ timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_c
 
 stage "ms per meta-step"
 (cd benchmarks && timeout 150 $PY gpu_step.py $STEP_ARGS --out "$OUT")
+
+if [ "$COMPILE_S" -gt 0 ]; then
+  stage "torch.compile of the meta-step (compiled, and compiled inside the CUDA graph)"
+  (cd benchmarks && timeout "$COMPILE_S" $PY gpu_step.py $STEP_ARGS --compile --out "$OUT")
+fi
 
 stage "Figure 2(b) on the GPU"
 (cd benchmarks && timeout 100 $PY fig2b_cost.py --device "$DEVICE" $FIG2B_ARGS --out "$OUT")

@@ -4,7 +4,9 @@ omniglot-5w1s network, meta-batch 32, 16 inner GD steps (lr 0.1), λ = 2, 5 CG s
 query images per class (as in MEASURED.md's peer table). Every implementation runs in a
 fresh process (so peak RSS is its own): one warm-up meta-step, then the median of
 ``--repeats``. Ours is run with CG (TorchOpt's solver) and with MINRES (our default),
-and with CG vmapped over 8 tasks at a time (``task_chunk=8``, bounding memory).
+with CG vmapped over 8 tasks at a time (``task_chunk=8``, bounding memory), and with CG
+through ``torch.compile`` (its first call, the compilation, is reported apart as
+``first_call_s``; the inductor cache is whatever this machine holds).
 Writes docs/benchmarks/peers.json; needs ``pip install -e .[bench]`` for TorchOpt.
 
     python benchmarks/peers.py [--repeats 3] [--queries 15]
@@ -16,17 +18,26 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
 from imaml import make_algorithm
+from imaml.cuda_graph import MetaStep
 from imaml.models import OmniglotConvNet
 
 from common import peak_rss_mib, timeit, write
 
-IMPLS = ("ours-vmap-cg", "ours-vmap-minres", "ours-chunk8-cg", "ours-loop-cg", "torchopt-cg")
+IMPLS = (
+    "ours-vmap-cg",
+    "ours-vmap-minres",
+    "ours-chunk8-cg",
+    "ours-compiled-cg",
+    "ours-loop-cg",
+    "torchopt-cg",
+)
 LAM, STEPS, LR, CG = 2.0, 16, 0.1, 5
 
 
@@ -94,12 +105,16 @@ def run_one(impl: str, args) -> dict:
             task_chunk=8 if path == "chunk8" else None,  # vmap over 8 tasks at a time
         )
         params = dict(model.named_parameters())
-        fn = lambda: alg.meta_grad(params, batch)
+        step = MetaStep(alg, compile=path == "compiled")
+        fn = lambda: step(params, batch)
     else:
         meta = tuple(model.parameters())
         fn = lambda: torchopt_meta_step(model, meta, batch)
-    t = timeit(fn, repeats=args.repeats)
-    return {"impl": impl, **t, "peak_rss_mib": peak_rss_mib()}
+    t0 = time.perf_counter()
+    fn()  # warm-up (for the compiled step: compilation)
+    first = time.perf_counter() - t0
+    t = timeit(fn, repeats=args.repeats, warmup=0)
+    return {"impl": impl, **t, "first_call_s": first, "peak_rss_mib": peak_rss_mib()}
 
 
 def main(argv=None) -> int:

@@ -107,25 +107,48 @@ def main() -> int:
     r = load("peers")
     if r:
         print(
-            "| implementation | s / meta-step | peak RSS | time vs ours (vmap, CG) | memory vs ours |"
+            "| implementation | s / meta-step | first call | peak RSS | time vs ours (vmap, CG) "
+            "| memory vs ours |"
         )
-        print("|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|")
         for x in r["rows"]:
             if "error" in x:
-                print(f"| {x['impl']} | failed: {x['error']} | | | |")
+                print(f"| {x['impl']} | failed: {x['error']} | | | | |")
                 continue
+            first = f"{x['first_call_s']:.1f} s" if "first_call_s" in x else "–"
             print(
-                f"| {x['impl']} | {x['median_s']:.2f} | {x['peak_rss_mib']:.0f} MiB | "
+                f"| {x['impl']} | {x['median_s']:.2f} | {first} | {x['peak_rss_mib']:.0f} MiB | "
                 f"{x.get('time_ratio_to_ours_vmap_cg', float('nan')):.2f}× | "
                 f"{x.get('rss_ratio_to_ours_vmap_cg', float('nan')):.2f}× |"
+            )
+        print()
+    for r in (load("cpu_variants"), load("cpu_variants_minres")):
+        if not r:
+            continue
+        print(f"solver: {r['config']['solver']}")
+        print()
+        print(
+            "| variant | s / meta-step | first call | speed-up vs eager | "
+            "meta-gradient vs float64 | peak RSS |"
+        )
+        print("|---|---|---|---|---|---|")
+        for x in r["rows"]:
+            if "error" in x:
+                print(f"| {x['variant']} | failed: {x['error']} | | | | |")
+                continue
+            print(
+                f"| {x['variant']} | {x['median_s']:.2f} | {x['first_call_s']:.1f} s | "
+                f"{x['speedup_over_eager']:.2f}× | {x['rel_to_float64']:.1e} | "
+                f"{x['peak_rss_mib']:.0f} MiB |"
             )
         print()
     for name in ("fig2b_cost", "gpu/fig2b_cost_cuda"):
         r = load(name)
         if r:
             fig2b_table(r)
-    r = load("gpu/gpu_step")
-    if r:
+    for r in (load("gpu/gpu_step"), load("gpu/gpu_step_compiled")):
+        if not r:
+            continue
         print(f"{r['machine']['cuda']}, torch {r['machine']['torch']}:")
         print()
         print("| algorithm | query images / class | path | ms / meta-step | peak CUDA memory |")

@@ -166,3 +166,21 @@ def test_graph_replay_raises_when_every_task_is_non_finite():
     bad = TaskBatch(batch.support_x * float("nan"), *batch[1:])
     with pytest.raises(ValueError, match="non-finite"):
         step(theta, bad)
+
+
+@cuda
+def test_compiled_step_in_a_graph_equals_eager_in_float64():
+    """``compile=True`` on CUDA: the torch.compile'd step is what the graph captures."""
+    from imaml.models import MLP
+
+    g = torch.Generator().manual_seed(0)
+    model = MLP((1, 8, 8, 1), generator=g).to("cuda", torch.float64)
+    theta = {k: v.detach() for k, v in model.named_parameters()}
+    x = lambda: torch.rand(3, 5, 1, generator=g, dtype=torch.float64).cuda()
+    batch = TaskBatch(x(), x(), x(), x())
+    alg = make_algorithm("imaml", model=model, loss="mse", inner_steps=2, cg_steps=2)
+    step = MetaStep(alg, mode="on", compile=True)
+    for shift in (0.0, 0.5):
+        b = TaskBatch(batch.support_x + shift, *batch[1:])
+        assert rel(step(theta, b)[0], alg.meta_grad(theta, b)[0]) < 1e-12
+    assert step.replays == 2 and step.fallback_reason is None

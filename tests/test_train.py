@@ -409,3 +409,11 @@ def test_cli_reports_a_held_folder_in_one_line(tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "in use by another imaml run" in err[0]
+
+
+def test_imaml_bench_lists_every_benchmark_script():
+    from imaml.cli import BENCHMARKS
+
+    scripts = {p.stem for p in (ROOT / "benchmarks").glob("*.py")}
+    helpers = {"common", "readme_tables", "compare_runs"}  # not benchmarks themselves
+    assert set(BENCHMARKS) == scripts - helpers

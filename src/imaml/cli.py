@@ -65,6 +65,10 @@ HELP = {
     "cuda_graph": "auto, on or off: on CUDA, capture the whole meta-step (inner loop, linear "
     "solve, query gradient) once as a CUDA graph and replay it (auto: when on CUDA and batched; "
     "falls back to eager if capture fails)",
+    "compile": "torch.compile the meta-step (inductor; needs a C++ compiler on CPU): the first "
+    "step compiles for minutes (5-8 on 2 CPU cores for omniglot-5w1s; seconds when inductor's "
+    "cache holds it), later steps run 1.4-1.9x faster there; pays off for long runs "
+    "(benchmarks/cpu_variants.py)",
 }
 
 
@@ -337,6 +341,10 @@ BENCHMARKS = (
     "fig2b_cost",
     "peers",
     "profile_step",
+    "cpu_variants",
+    "gpu_step",
+    "gpu_profile",
+    "distributed_throughput",
 )
 
 

@@ -34,6 +34,7 @@ RUNTIME_FIELDS = (
     "flat",
     "task_chunk",
     "cuda_graph",
+    "compile",
 )
 
 
@@ -94,6 +95,7 @@ class Config:
     flat: str = "auto"  # auto | on | off: the network's tensors as one vector (auto: CUDA)
     task_chunk: int | None = None  # vmap over this many tasks at a time (bounds memory)
     cuda_graph: str = "auto"  # auto | on | off: replay the meta-step as a CUDA graph
+    compile: bool = False  # torch.compile the meta-step (minutes to compile, faster steps)
 
     def __post_init__(self):
         validate(self)
@@ -227,8 +229,9 @@ def validate(cfg: Config) -> None:
         _int(cfg, "task_chunk", 1)
     _choice(cfg, "cuda_graph", ("auto", "on", "off"))
     _choice(cfg, "flat", ("auto", "on", "off"))
-    if cfg.cuda_graph == "on" and not cfg.batched:
-        raise ConfigError("cuda_graph on needs the batched path (drop --no-batched)")
+    for name in ("cuda_graph", "compile"):
+        if getattr(cfg, name) in ("on", True) and not cfg.batched:
+            raise ConfigError(f"{name} needs the batched path (drop --no-batched)")
     _num(cfg, "lam", positive=cfg.algo == "imaml", allow_none=True)
     _num(cfg, "eval_lam", positive=False, allow_none=True)
     for name in ("inner_lr", "outer_lr", "adam_eps", "dist_timeout"):

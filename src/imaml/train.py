@@ -283,7 +283,8 @@ def _train(
     )
     params = alg.meta_parameters(dict(model.named_parameters()))  # with log λ when learned
     opt = torch.optim.Adam(params.values(), lr=cfg.outer_lr, eps=cfg.adam_eps)
-    meta_step = MetaStep(alg, mode=cfg.cuda_graph)  # CUDA graph replay where it applies
+    # CUDA graph replay where it applies; torch.compile when asked
+    meta_step = MetaStep(alg, mode=cfg.cuda_graph, compile=cfg.compile)
     task_gen = torch.Generator().manual_seed(cfg.seed + TASK_STREAM)
     metric = families["train"].metric
     higher = HIGHER_IS_BETTER[metric]
@@ -372,6 +373,8 @@ def _train(
                     .sample(cfg.meta_batch, generator=task_gen, dtype=dtype)
                     .to(device)
                 )
+                if cfg.compile and steps_this_run == 0 and progress:
+                    bar.write("torch.compile: compiling the meta-step (one-time, minutes)")
                 # this rank's share of the tasks; the mean meta-gradient over all ranks
                 grads, stats = meta_step(params, d.take(batch), allow_empty=d.enabled)
                 grads = distributed.mean_over_ranks(d, grads, stats["skipped"])

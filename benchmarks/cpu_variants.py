@@ -1,0 +1,174 @@
+"""The CPU meta-step under torch.compile and in bfloat16, measured against eager float32.
+
+The peer setting (benchmarks/peers.py): omniglot-5w1s network, meta-batch 32, 16 inner GD
+steps (lr 0.1), λ = 2, 5 CG steps (``--solver minres``: MINRES, our default, written to
+cpu_variants_minres.*), 15 query images per class. Each variant runs in a
+fresh process:
+
+- ``eager``: the default path (vmap over tasks, float32); also its distance to float64,
+  the scale of float32 rounding for this step (CG on an indefinite I + H/λ amplifies it).
+- ``compiled-cold``: ``torch.compile`` (inductor, static shapes) with an empty inductor
+  cache: seconds for the first call (compilation), then seconds per meta-step.
+- ``compiled-warm``: the same in a new process that finds the cache the cold run left.
+- ``bf16``: network and images in bfloat16 (this CPU has AVX512-BF16).
+- ``autocast-bf16``: ``torch.autocast("cpu", torch.bfloat16)`` around the float32 step.
+
+For each: median seconds per meta-step, peak RSS, and the relative distance of the
+mean meta-gradient to the float64 one. Writes docs/benchmarks/cpu_variants.{json,png}.
+
+    python benchmarks/cpu_variants.py [--repeats 3] [--queries 15] [--solver cg|minres]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+from peers import CG, LAM, LR, STEPS, data
+
+from common import OUT, peak_rss_mib, timeit, write
+
+VARIANTS = ("eager", "compiled-cold", "compiled-warm", "bf16", "autocast-bf16")
+
+
+def _rel(a: dict, b: dict) -> float:
+    num = sum(((a[k].double() - b[k].double()) ** 2).sum() for k in b)
+    return float((num / sum((b[k].double() ** 2).sum() for k in b)).sqrt())
+
+
+def run_one(variant: str, args) -> dict:
+    from imaml import TaskBatch, make_algorithm
+    from imaml.cuda_graph import MetaStep
+    from imaml.models import OmniglotConvNet
+
+    torch.set_flush_denormal(True)
+    g = torch.Generator().manual_seed(0)
+    model = OmniglotConvNet(5, generator=g)
+    batch = data(args.tasks, args.queries, g)
+
+    def step_for(dtype, compile=False):
+        m = model.to(dtype)
+        alg = make_algorithm(
+            "imaml",
+            model=m,
+            lam=LAM,
+            inner_steps=STEPS,
+            inner_lr=LR,
+            cg_steps=CG,
+            solver=args.solver,
+        )
+        params = {k: v.detach().to(dtype) for k, v in m.named_parameters()}
+        b = TaskBatch(batch.support_x.to(dtype), batch[1], batch.query_x.to(dtype), batch[3])
+        step = MetaStep(alg, compile=compile)
+        return lambda: step(params, b)[0]
+
+    reference = step_for(torch.float64)()
+    model.float()
+    row = {"variant": variant}
+    if variant == "bf16":
+        fn = step_for(torch.bfloat16)
+    elif variant == "autocast-bf16":
+        plain = step_for(torch.float32)
+
+        def fn():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return plain()
+    else:
+        fn = step_for(torch.float32, compile=variant.startswith("compiled"))
+    try:
+        t0 = time.perf_counter()
+        out = fn()
+        row["first_call_s"] = time.perf_counter() - t0
+    except Exception as e:  # measured, not guessed: record what happens
+        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+        return row
+    row["rel_to_float64"] = _rel(out, reference)
+    row.update(timeit(fn, repeats=args.repeats, warmup=0))
+    row["peak_rss_mib"] = peak_rss_mib()
+    return row
+
+
+def plot(rows: list[dict], solver: str, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "median_s" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.barh([r["variant"] for r in ok], [r["median_s"] for r in ok], color="tab:blue")
+    for i, r in enumerate(ok):
+        note = f" {r['median_s']:.2f} s"
+        if r["variant"].startswith("compiled"):
+            note += f" (first call {r['first_call_s']:.0f} s)"
+        ax.text(r["median_s"], i, note, va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds per meta-step (2 CPU cores)")
+    ax.set_xlim(0, max(r["median_s"] for r in ok) * 1.9)
+    ax.set_title(
+        f"omniglot-5w1s iMAML meta-step, meta-batch 32, 16 inner steps, 5 {solver.upper()} steps",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tasks", type=int, default=32)
+    ap.add_argument("--queries", type=int, default=15)
+    ap.add_argument(
+        "--solver", choices=("cg", "minres"), default="cg", help="cg (as in peers.py) or minres"
+    )
+    ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.variant:
+        print(json.dumps(run_one(args.variant, args)))
+        return 0
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}  # cold, then warm
+        for variant in VARIANTS:
+            cmd = [sys.executable, __file__, "--variant", variant]
+            cmd += ["--repeats", str(args.repeats), "--tasks", str(args.tasks)]
+            cmd += ["--queries", str(args.queries), "--solver", args.solver]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if out.returncode != 0:
+                rows.append({"variant": variant, "error": out.stderr.strip().splitlines()[-1]})
+            else:
+                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            r = rows[-1]
+            print(
+                f"{variant:14s} "
+                + (
+                    f"{r['median_s']:6.2f} s/meta-step  first call {r['first_call_s']:6.1f} s  "
+                    f"rel to float64 {r['rel_to_float64']:.2e}  peak RSS {r['peak_rss_mib']:.0f} MiB"
+                    if "median_s" in r
+                    else f"failed: {r['error']}"
+                ),
+                flush=True,
+            )
+    eager = next((r for r in rows if r["variant"] == "eager" and "median_s" in r), None)
+    for r in rows:
+        if eager and "median_s" in r:
+            r["speedup_over_eager"] = eager["median_s"] / r["median_s"]
+    cfg = vars(args) | {"lam": LAM, "inner_steps": STEPS, "inner_lr": LR, "cg_steps": CG}
+    cfg |= {"n_way": 5, "k_shot": 1, "threads": torch.get_num_threads()}
+    name = "cpu_variants" if args.solver == "cg" else f"cpu_variants_{args.solver}"
+    write(name, {"config": cfg, "rows": rows})
+    plot(rows, args.solver, OUT / f"{name}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
