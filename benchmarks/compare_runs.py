@@ -94,7 +94,8 @@ def main(argv=None) -> int:
         )
     a1.set_xlabel("meta-step")
     a2.set_xlabel("training wall-clock (minutes, 2 CPU cores)")
-    a1.set_ylabel("validation accuracy (200 tasks, 95% CI)")
+    tasks = sorted({r["config"]["val_tasks"] for r in rows})
+    a1.set_ylabel(f"validation accuracy ({'/'.join(map(str, tasks))} tasks, 95% CI)")
     for a in (a1, a2):
         a.grid(alpha=0.3)
     a1.legend(fontsize=8)
