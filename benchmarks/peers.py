@@ -5,8 +5,8 @@ query images per class (as in MEASURED.md's peer table). Every implementation ru
 fresh process (so peak RSS is its own): one warm-up meta-step, then the median of
 ``--repeats``. Ours is run with CG (TorchOpt's solver) and with MINRES (our default),
 with CG vmapped over 8 tasks at a time (``task_chunk=8``, bounding memory), and with CG
-through ``torch.compile`` (its first call, the compilation, is reported apart as
-``first_call_s``; the inductor cache is whatever this machine holds).
+and MINRES through ``torch.compile`` (its first call, the compilation, is reported apart
+as ``first_call_s``; every run starts from an empty inductor cache).
 Writes docs/benchmarks/peers.json; needs ``pip install -e .[bench]`` for TorchOpt.
 
     python benchmarks/peers.py [--repeats 3] [--queries 15]
@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -35,6 +37,7 @@ IMPLS = (
     "ours-vmap-minres",
     "ours-chunk8-cg",
     "ours-compiled-cg",
+    "ours-compiled-minres",
     "ours-loop-cg",
     "torchopt-cg",
 )
@@ -143,7 +146,9 @@ def main(argv=None) -> int:
             "--queries",
             str(args.queries),
         ]
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        with tempfile.TemporaryDirectory() as cache:  # compile from scratch, every time
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode != 0:
             rows.append({"impl": impl, "error": out.stderr.strip().splitlines()[-1]})
             print(f"{impl}: failed: {rows[-1]['error']}")
