@@ -67,7 +67,7 @@ HELP = {
     "falls back to eager if capture fails)",
     "compile": "torch.compile the meta-step (inductor; needs a C++ compiler on CPU): the first "
     "step compiles for minutes (5-8 on 2 CPU cores for omniglot-5w1s; seconds when inductor's "
-    "cache holds it), later steps run 1.4-1.9x faster there; pays off for long runs "
+    "cache holds it), later steps run 1.35-1.9x faster there; pays off for long runs "
     "(benchmarks/cpu_variants.py)",
 }
 

@@ -17,7 +17,7 @@ failed capture an error instead.
 ``compile=True`` runs the step through ``torch.compile`` (inductor, static shapes):
 element-wise chains (BatchNorm, ReLU, the proximal and solver updates) become fused
 loops. The first call compiles (measured 5–8 minutes for omniglot-5w1s on 2 CPU cores,
-~15 s from a warm inductor cache; then 1.4–1.9× faster per step:
+~15 s from a warm inductor cache; then 1.35–1.9× faster per step:
 benchmarks/cpu_variants.py); a new batch shape compiles
 again. It is exact in float64 (tests/test_compile.py). On CUDA it combines with the
 graph capture (the compiled step is what gets captured), which has not been measured.
