@@ -67,7 +67,7 @@ def test_compile_failure_is_a_clear_error(monkeypatch):
         raise torch._dynamo.exc.TorchDynamoException("no working C++ compiler found")
 
     monkeypatch.setattr(step, "step", broken)
-    with pytest.raises(RuntimeError, match="torch.compile of the meta-step failed.*--compile"):
+    with pytest.raises(ValueError, match="torch.compile of the meta-step failed.*--compile"):
         step(theta, batch)
 
 
@@ -94,3 +94,23 @@ def test_training_with_compile_matches_eager(tmp_path):
         params[compiled] = torch.load(out / "last.pt", weights_only=True)["params"]
         assert torch.load(out / "last.pt", weights_only=True)["config"]["compile"] is compiled
     assert rel(params[True], params[False]) < 1e-5
+
+
+def test_cli_without_a_working_compiler_is_one_line_and_exit_2(tmp_path):
+    """A real failure: inductor pointed at a C++ compiler that does not exist."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-g++")}
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "cache")  # nothing compiled to reuse
+    argv = ["train", "--preset", "sinusoid", "--compile", "--meta-steps", "2"]
+    argv += ["--val-tasks", "0", "--no-test", "--quiet", "--out", str(tmp_path / "run")]
+    out = subprocess.run(
+        [sys.executable, "-m", "imaml", *argv], capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 2
+    err = out.stderr.strip().splitlines()
+    assert len(err) == 1 and "torch.compile of the meta-step failed" in err[0]
+    assert "run without --compile" in err[0]
+    assert not (tmp_path / "run" / "last.pt").exists()  # nothing half-written

@@ -143,7 +143,7 @@ class MetaStep:
         try:
             mean, stats = self.step(params, batch)
         except torch._dynamo.exc.TorchDynamoException as e:  # e.g. no C++ compiler / Triton
-            raise RuntimeError(
+            raise ValueError(  # the CLI reports it in one line (exit 2)
                 f"torch.compile of the meta-step failed ({type(e).__name__}: "
                 f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
                 "run without --compile"
