@@ -7,6 +7,7 @@ import pathlib
 import platform
 import resource
 import statistics
+import subprocess
 import time
 
 import torch
@@ -56,3 +57,13 @@ def write(name: str, payload: dict, out: pathlib.Path = OUT) -> pathlib.Path:
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=1))
     print(f"wrote {path}")
     return path
+
+
+def run_fresh(cmd: list[str], **kwargs) -> dict:
+    """Run a benchmark point in a fresh process (its own peak RSS); the JSON object it prints
+    last, or ``{"error": <its last stderr line>}`` when it fails."""
+    out = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    if out.returncode != 0:
+        tail = out.stderr.strip().splitlines()
+        return {"error": tail[-1] if tail else f"exit {out.returncode}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])

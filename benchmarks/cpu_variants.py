@@ -22,9 +22,9 @@ mean meta-gradient to the float64 one. Writes docs/benchmarks/cpu_variants.{json
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +32,7 @@ import time
 import torch
 from peers import CG, LAM, LR, STEPS, data
 
-from common import OUT, peak_rss_mib, timeit, write
+from common import OUT, peak_rss_mib, run_fresh, timeit, write
 
 VARIANTS = ("eager", "compiled-cold", "compiled-warm", "bf16", "autocast-bf16")
 
@@ -53,7 +53,7 @@ def run_one(variant: str, args) -> dict:
     batch = data(args.tasks, args.queries, g)
 
     def step_for(dtype, compile=False):
-        m = model.to(dtype)
+        m = copy.deepcopy(model).to(dtype)
         alg = make_algorithm(
             "imaml",
             model=m,
@@ -63,13 +63,12 @@ def run_one(variant: str, args) -> dict:
             cg_steps=CG,
             solver=args.solver,
         )
-        params = {k: v.detach().to(dtype) for k, v in m.named_parameters()}
+        params = {k: v.detach() for k, v in m.named_parameters()}
         b = TaskBatch(batch.support_x.to(dtype), batch[1], batch.query_x.to(dtype), batch[3])
         step = MetaStep(alg, compile=compile)
         return lambda: step(params, b)[0]
 
     reference = step_for(torch.float64)()
-    model.float()
     row = {"variant": variant}
     if variant == "bf16":
         fn = step_for(torch.bfloat16)
@@ -142,11 +141,7 @@ def main(argv=None) -> int:
             cmd = [sys.executable, __file__, "--variant", variant]
             cmd += ["--repeats", str(args.repeats), "--tasks", str(args.tasks)]
             cmd += ["--queries", str(args.queries), "--solver", args.solver]
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if out.returncode != 0:
-                rows.append({"variant": variant, "error": out.stderr.strip().splitlines()[-1]})
-            else:
-                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            rows.append({"variant": variant, **run_fresh(cmd, env=env)})
             r = rows[-1]
             print(
                 f"{variant:14s} "

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ from imaml import make_algorithm
 from imaml.cuda_graph import MetaStep
 from imaml.models import OmniglotConvNet
 
-from common import peak_rss_mib, timeit, write
+from common import peak_rss_mib, run_fresh, timeit, write
 
 IMPLS = (
     "ours-vmap-cg",
@@ -147,13 +146,11 @@ def main(argv=None) -> int:
             str(args.queries),
         ]
         with tempfile.TemporaryDirectory() as cache:  # compile from scratch, every time
-            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if out.returncode != 0:
-            rows.append({"impl": impl, "error": out.stderr.strip().splitlines()[-1]})
-            print(f"{impl}: failed: {rows[-1]['error']}")
+            row = run_fresh(cmd, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
+        rows.append({"impl": impl, **row})
+        if "error" in row:
+            print(f"{impl}: failed: {row['error']}")
             continue
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(
             f"{impl:18s} {rows[-1]['median_s']:6.2f} s/meta-step  peak RSS {rows[-1]['peak_rss_mib']:6.0f} MiB"
         )

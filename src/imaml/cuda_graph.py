@@ -87,7 +87,6 @@ class MetaStep:
         if compile and not alg.batched:
             raise ValueError("compile needs the batched (vmap) path")
         self.alg = alg
-        self.compiled = bool(compile)
         # static shapes: one specialised program per batch shape, as the graphs
         self.step = (
             torch.compile(alg.meta_grad_tensors, dynamic=False)
@@ -114,8 +113,14 @@ class MetaStep:
     ) -> tuple[Params, dict[str, Tensor]]:
         if not isinstance(batch, TaskBatch):
             batch = TaskBatch(*batch)
-        if not self.applies(params, batch):
-            return self._eager(params, batch, allow_empty)
+        out = self._graph(params, batch) if self.applies(params, batch) else None
+        mean, stats = out if out is not None else self._step(params, batch)
+        if not allow_empty:
+            self.alg.check_not_all_skipped(stats)
+        return mean, stats
+
+    def _graph(self, params: Params, batch: TaskBatch):
+        """The replayed graph's outputs, or None where capture failed (``mode="auto"``)."""
         key = _signature(params, batch)
         captured = self.graphs.get(key)
         if captured is None:
@@ -128,26 +133,19 @@ class MetaStep:
                     raise ValueError(f"CUDA graph capture of the meta-step failed: {e}") from e
                 self.fallback_reason = f"{type(e).__name__}: {e}"
                 torch.cuda.synchronize()
-                return self._eager(params, batch, allow_empty)
+                return None
             self.graphs[key] = captured
-        mean, stats = captured(params, batch)
+        out = captured(params, batch)
         self.replays += 1
-        if not allow_empty:
-            self.alg.check_not_all_skipped(stats)
-        return mean, stats
+        return out
 
-    def _eager(self, params: Params, batch: TaskBatch, allow_empty: bool):
+    def _step(self, params: Params, batch: TaskBatch):
         """The step without a graph (compiled when ``compile``)."""
-        if not self.compiled:
-            return self.alg.meta_grad(params, batch, allow_empty=allow_empty)
         try:
-            mean, stats = self.step(params, batch)
+            return self.step(params, batch)
         except torch._dynamo.exc.TorchDynamoException as e:  # e.g. no C++ compiler / Triton
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise ValueError(  # the CLI reports it in one line (exit 2)
-                f"torch.compile of the meta-step failed ({type(e).__name__}: "
-                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
+                f"torch.compile of the meta-step failed ({type(e).__name__}: {first}); "
                 "run without --compile"
             ) from e
-        if not allow_empty:
-            self.alg.check_not_all_skipped(stats)
-        return mean, stats
