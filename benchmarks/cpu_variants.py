@@ -30,9 +30,9 @@ import tempfile
 import time
 
 import torch
-from peers import CG, LAM, LR, STEPS, data
 
 from common import OUT, peak_rss_mib, run_fresh, timeit, write
+from peers import CG, LAM, LR, STEPS, data
 
 VARIANTS = ("eager", "compiled-cold", "compiled-warm", "bf16", "autocast-bf16")
 

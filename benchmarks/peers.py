@@ -7,9 +7,13 @@ fresh process (so peak RSS is its own): one warm-up meta-step, then the median o
 with CG vmapped over 8 tasks at a time (``task_chunk=8``, bounding memory), and with CG
 and MINRES through ``torch.compile`` (its first call, the compilation, is reported apart
 as ``first_call_s``; every run starts from an empty inductor cache).
+
+Every implementation runs under glibc's default allocator (``system``, as TorchOpt's users
+run it) and with freed memory kept for reuse (``keep``, ``imaml.keep_freed_memory``, what
+``imaml train`` does on the CPU); each row records its minor page faults per meta-step.
 Writes docs/benchmarks/peers.json; needs ``pip install -e .[bench]`` for TorchOpt.
 
-    python benchmarks/peers.py [--repeats 3] [--queries 15]
+    python benchmarks/peers.py [--repeats 3] [--queries 15] [--impls a,b] [--mallocs system,keep]
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -25,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from imaml import make_algorithm
+from imaml import keep_freed_memory, make_algorithm
 from imaml.cuda_graph import MetaStep
 from imaml.models import OmniglotConvNet
 
@@ -40,6 +45,7 @@ IMPLS = (
     "ours-loop-cg",
     "torchopt-cg",
 )
+MALLOCS = ("system", "keep")
 LAM, STEPS, LR, CG = 2.0, 16, 0.1, 5
 
 
@@ -88,8 +94,14 @@ def torchopt_meta_step(model, meta_params, batch):
         (F.cross_entropy(f(phi, qx), qy) / batch.num_tasks).backward()
 
 
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def run_one(impl: str, args) -> dict:
     torch.set_flush_denormal(True)
+    if args.malloc == "keep" and not keep_freed_memory():
+        raise RuntimeError("keep_freed_memory() needs glibc")
     g = torch.Generator().manual_seed(0)
     model = OmniglotConvNet(5, generator=g)
     batch = data(args.tasks, args.queries, g)
@@ -115,8 +127,26 @@ def run_one(impl: str, args) -> dict:
     t0 = time.perf_counter()
     fn()  # warm-up (for the compiled step: compilation)
     first = time.perf_counter() - t0
+    faults = minor_faults()
     t = timeit(fn, repeats=args.repeats, warmup=0)
-    return {"impl": impl, **t, "first_call_s": first, "peak_rss_mib": peak_rss_mib()}
+    return {
+        "impl": impl,
+        "malloc": args.malloc,
+        **t,
+        "first_call_s": first,
+        "minor_faults_per_step": (minor_faults() - faults) / args.repeats,
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+def _names(text: str, valid: tuple[str, ...], what: str) -> list[str]:
+    names = [n for n in text.split(",") if n]
+    bad = [n for n in names if n not in valid]
+    if bad or not names:
+        raise SystemExit(
+            f"peers.py: unknown {what} {bad or text!r}; choose from {', '.join(valid)}"
+        )
+    return names
 
 
 def main(argv=None) -> int:
@@ -126,41 +156,42 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tasks", type=int, default=32)
     ap.add_argument("--queries", type=int, default=15)
+    ap.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of IMPLS")
+    ap.add_argument("--mallocs", default=",".join(MALLOCS), help="system, keep or both")
+    ap.add_argument("--name", default="peers", help="output docs/benchmarks/NAME.json")
     ap.add_argument("--impl", choices=IMPLS, help=argparse.SUPPRESS)
+    ap.add_argument("--malloc", choices=MALLOCS, default="system", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.impl:
         print(json.dumps(run_one(args.impl, args)))
         return 0
+    impls = _names(args.impls, IMPLS, "implementation")
+    mallocs = _names(args.mallocs, MALLOCS, "allocator")
     rows = []
-    for impl in IMPLS:
-        cmd = [
-            sys.executable,
-            __file__,
-            "--impl",
-            impl,
-            "--repeats",
-            str(args.repeats),
-            "--tasks",
-            str(args.tasks),
-            "--queries",
-            str(args.queries),
-        ]
-        with tempfile.TemporaryDirectory() as cache:  # compile from scratch, every time
-            row = run_fresh(cmd, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
-        rows.append({"impl": impl, **row})
-        if "error" in row:
-            print(f"{impl}: failed: {row['error']}")
-            continue
-        print(
-            f"{impl:18s} {rows[-1]['median_s']:6.2f} s/meta-step  peak RSS {rows[-1]['peak_rss_mib']:6.0f} MiB"
-        )
-    ok = {r["impl"]: r for r in rows if "error" not in r}
-    ref = ok.get("ours-vmap-cg")
-    if ref:
-        for r in ok.values():
-            r["time_ratio_to_ours_vmap_cg"] = r["median_s"] / ref["median_s"]
-            r["rss_ratio_to_ours_vmap_cg"] = r["peak_rss_mib"] / ref["peak_rss_mib"]
-    cfg = vars(args) | {
+    for impl in impls:
+        for malloc in mallocs:
+            cmd = [sys.executable, __file__, "--impl", impl, "--malloc", malloc]
+            for opt in ("repeats", "tasks", "queries"):
+                cmd += [f"--{opt}", str(getattr(args, opt))]
+            with tempfile.TemporaryDirectory() as cache:  # compile from scratch, every time
+                row = run_fresh(cmd, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
+            rows.append({"impl": impl, "malloc": malloc, **row})
+            if "error" in row:
+                print(f"{impl} ({malloc}): failed: {row['error']}")
+                continue
+            print(
+                f"{impl:20s} {malloc:6s} {row['median_s']:6.2f} s/meta-step  "
+                f"peak RSS {row['peak_rss_mib']:6.0f} MiB  "
+                f"{row['minor_faults_per_step']:9.0f} page faults/step"
+            )
+    ok = {(r["impl"], r["malloc"]): r for r in rows if "error" not in r}
+    # Speed-ups over the references as their users run them (glibc's default allocator).
+    for key, ref_impl in (("torchopt", "torchopt-cg"), ("ours_loop", "ours-loop-cg")):
+        ref = ok.get((ref_impl, "system"))
+        for r in ok.values() if ref else ():
+            r[f"speedup_vs_{key}"] = ref["median_s"] / r["median_s"]
+            r[f"rss_vs_{key}"] = r["peak_rss_mib"] / ref["peak_rss_mib"]
+    cfg = {k: v for k, v in vars(args).items() if k not in ("impl", "malloc")} | {
         "lam": LAM,
         "inner_steps": STEPS,
         "inner_lr": LR,
@@ -168,7 +199,7 @@ def main(argv=None) -> int:
         "n_way": 5,
         "k_shot": 1,
     }
-    write("peers", {"config": cfg, "rows": rows})
+    write(args.name, {"config": cfg, "rows": rows})
     return 0
 
 

@@ -107,19 +107,44 @@ def main() -> int:
     r = load("peers")
     if r:
         print(
-            "| implementation | s / meta-step | first call | peak RSS | time vs ours (vmap, CG) "
-            "| memory vs ours |"
+            "| implementation | malloc | s / meta-step | first call | page faults / step "
+            "| peak RSS | speed-up vs TorchOpt | speed-up vs our loop |"
         )
-        print("|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|")
+        nan = float("nan")
         for x in r["rows"]:
+            malloc = x.get("malloc", "system")
             if "error" in x:
-                print(f"| {x['impl']} | failed: {x['error']} | | | | |")
+                print(f"| {x['impl']} | {malloc} | failed: {x['error']} | | | | | |")
                 continue
             first = f"{x['first_call_s']:.1f} s" if "first_call_s" in x else "–"
+            faults = x.get("minor_faults_per_step")
             print(
-                f"| {x['impl']} | {x['median_s']:.2f} | {first} | {x['peak_rss_mib']:.0f} MiB | "
-                f"{x.get('time_ratio_to_ours_vmap_cg', float('nan')):.2f}× | "
-                f"{x.get('rss_ratio_to_ours_vmap_cg', float('nan')):.2f}× |"
+                f"| {x['impl']} | {malloc} | {x['median_s']:.2f} | {first} | "
+                f"{'–' if faults is None else f'{faults:,.0f}'} | {x['peak_rss_mib']:.0f} MiB | "
+                f"{x.get('speedup_vs_torchopt', nan):.2f}× | {x.get('speedup_vs_ours_loop', nan):.2f}× |"
+            )
+        print()
+    r = load("roofline")
+    if r:
+        f = r["step_flops"]
+        print(
+            f"one meta-step: {f['ours-loop-cg']['gflop']:.1f} GFLOP (ours), "
+            f"{f['torchopt-cg'].get('gflop', nan):.1f} GFLOP (TorchOpt); best dense-convolution "
+            f"rate {r['best_dense_conv_gflops_per_s']:.0f} GFLOP/s, floor {r['floor_s_ours']:.2f} s"
+        )
+        print()
+        print("| layer | GFLOP (fwd + bwd, 2400 images) | GFLOP/s |")
+        print("|---|---|---|")
+        for x in r["dense_conv_layers"]:
+            print(f"| {x['layer']} | {x['gflop']:.1f} | {x['gflops_per_s']:.0f} |")
+        print()
+        print("| implementation | malloc | GFLOP/s | of the best dense rate |")
+        print("|---|---|---|---|")
+        for x in r["achieved"]:
+            print(
+                f"| {x['impl']} | {x['malloc']} | {x['gflops_per_s']:.0f} | "
+                f"{100 * x['fraction_of_best']:.0f}% |"
             )
         print()
     for r in (load("cpu_variants"), load("cpu_variants_minres")):

@@ -219,6 +219,7 @@ def test_unknown_keys_and_presets_raise():
         (["train", "--k-shot", "15", "--k-query", "10"], "exceeds the 20"),
         (["eval", "/nonexistent/run"], "no checkpoint at /nonexistent/run"),
         (["train", "--task", "sinusoid", "--time-budget", "0"], "time-budget"),
+        (["train", "--cpu-malloc", "jemalloc"], "unknown cpu_malloc 'jemalloc'"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(argv, match, capsys, tmp_path):

@@ -5,6 +5,7 @@ from .autodiff import hvp, linearize_grad
 from .implicit import implicit_meta_grad, implicit_operator
 from .inner import adapt
 from .linalg import cg, exact, minres, neumann, solve
+from .malloc import keep_freed_memory
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,7 @@ __all__ = [
     "hvp",
     "implicit_meta_grad",
     "implicit_operator",
+    "keep_freed_memory",
     "linearize_grad",
     "make_algorithm",
     "minres",

@@ -69,6 +69,10 @@ HELP = {
     "step compiles for minutes (5-8 on 2 CPU cores for omniglot-5w1s; seconds when inductor's "
     "cache holds it), later steps run 1.35-1.9x faster there; pays off for long runs "
     "(benchmarks/cpu_variants.py)",
+    "cpu_malloc": "keep (default) or system: on the CPU, let glibc's malloc keep freed memory "
+    "for reuse, so the meta-step's large tensors are not page-faulted in afresh every step "
+    "(same numbers; resident memory stays at its peak; benchmarks/cpu_malloc.py); system: "
+    "glibc's defaults",
 }
 
 
@@ -340,6 +344,7 @@ BENCHMARKS = (
     "fig2a_accuracy",
     "fig2b_cost",
     "peers",
+    "roofline",
     "profile_step",
     "cpu_variants",
     "gpu_step",

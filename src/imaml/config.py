@@ -35,6 +35,7 @@ RUNTIME_FIELDS = (
     "task_chunk",
     "cuda_graph",
     "compile",
+    "cpu_malloc",
 )
 
 
@@ -96,6 +97,7 @@ class Config:
     task_chunk: int | None = None  # vmap over this many tasks at a time (bounds memory)
     cuda_graph: str = "auto"  # auto | on | off: replay the meta-step as a CUDA graph
     compile: bool = False  # torch.compile the meta-step (minutes to compile, faster steps)
+    cpu_malloc: str = "keep"  # keep | system: glibc keeps freed memory for reuse (imaml.malloc)
 
     def __post_init__(self):
         validate(self)
@@ -229,6 +231,7 @@ def validate(cfg: Config) -> None:
         _int(cfg, "task_chunk", 1)
     _choice(cfg, "cuda_graph", ("auto", "on", "off"))
     _choice(cfg, "flat", ("auto", "on", "off"))
+    _choice(cfg, "cpu_malloc", ("keep", "system"))
     for name in ("cuda_graph", "compile"):
         if getattr(cfg, name) in ("on", True) and not cfg.batched:
             raise ConfigError(f"{name} needs the batched path (drop --no-batched)")

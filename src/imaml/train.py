@@ -30,6 +30,7 @@ from .cuda_graph import MetaStep
 from .data import make_task_families
 from .data.omniglot import _writable
 from .evaluate import evaluate
+from .malloc import keep_freed_memory
 
 # Fixed offsets separate the random streams derived from one seed.
 TASK_STREAM, VAL_STREAM, TEST_STREAM = 1_000_003, 2_000_003, 3_000_017
@@ -53,6 +54,8 @@ def setup_runtime(cfg: Config) -> tuple[torch.device, torch.dtype]:
     device = resolve_device(cfg.device)
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # subnormal floats slowed some CPU runs 5-20× (MEASURED.md)
+        if cfg.cpu_malloc == "keep":
+            keep_freed_memory()  # no page faults for the same big tensors every step
     return device, getattr(torch, cfg.dtype)
 
 
