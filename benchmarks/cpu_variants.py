@@ -32,7 +32,7 @@ import time
 import torch
 
 from common import OUT, peak_rss_mib, run_fresh, timeit, write
-from peers import CG, LAM, LR, STEPS, data
+from peers import CG, LAM, LR, STEPS, data, peer_algorithm
 
 VARIANTS = ("eager", "compiled-cold", "compiled-warm", "bf16", "autocast-bf16")
 
@@ -43,7 +43,7 @@ def _rel(a: dict, b: dict) -> float:
 
 
 def run_one(variant: str, args) -> dict:
-    from imaml import TaskBatch, make_algorithm
+    from imaml import TaskBatch
     from imaml.cuda_graph import MetaStep
     from imaml.models import OmniglotConvNet
 
@@ -54,15 +54,7 @@ def run_one(variant: str, args) -> dict:
 
     def step_for(dtype, compile=False):
         m = copy.deepcopy(model).to(dtype)
-        alg = make_algorithm(
-            "imaml",
-            model=m,
-            lam=LAM,
-            inner_steps=STEPS,
-            inner_lr=LR,
-            cg_steps=CG,
-            solver=args.solver,
-        )
+        alg = peer_algorithm(m, solver=args.solver)
         params = {k: v.detach() for k, v in m.named_parameters()}
         b = TaskBatch(batch.support_x.to(dtype), batch[1], batch.query_x.to(dtype), batch[3])
         step = MetaStep(alg, compile=compile)

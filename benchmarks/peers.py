@@ -58,6 +58,14 @@ def data(tasks: int, queries: int, g):
     )
 
 
+def peer_algorithm(model, *, solver: str, **kwargs):
+    """Our iMAML with the peer setting's hyperparameters."""
+    return make_algorithm(
+        "imaml", model=model, lam=LAM, inner_steps=STEPS, inner_lr=LR, cg_steps=CG, solver=solver,
+        **kwargs,
+    )  # fmt: skip
+
+
 def torchopt_meta_step(model, meta_params, batch):
     """One meta-step of iMAML written against TorchOpt 0.7.3's implicit-differentiation API."""
     import torchopt
@@ -107,13 +115,8 @@ def run_one(impl: str, args) -> dict:
     batch = data(args.tasks, args.queries, g)
     if impl.startswith("ours"):
         _, path, solver = impl.split("-")
-        alg = make_algorithm(
-            "imaml",
-            model=model,
-            lam=LAM,
-            inner_steps=STEPS,
-            inner_lr=LR,
-            cg_steps=CG,
+        alg = peer_algorithm(
+            model,
             solver=solver,
             batched=path != "loop",
             task_chunk=8 if path == "chunk8" else None,  # vmap over 8 tasks at a time

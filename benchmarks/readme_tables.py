@@ -134,10 +134,14 @@ def main() -> int:
             f"rate {r['best_dense_conv_gflops_per_s']:.0f} GFLOP/s, floor {r['floor_s_ours']:.2f} s"
         )
         print()
-        print("| layer | GFLOP (fwd + bwd, 2400 images) | GFLOP/s |")
-        print("|---|---|---|")
-        for x in r["dense_conv_layers"]:
-            print(f"| {x['layer']} | {x['gflop']:.1f} | {x['gflops_per_s']:.0f} |")
+        batches = sorted({x["images"] for x in r["dense_conv_layers"]})
+        print(
+            "| layer (fwd + bwd), GFLOP/s at | " + " | ".join(f"{n} images" for n in batches) + " |"
+        )
+        print("|---|" + "---|" * len(batches))
+        cell = {(x["layer"], x["images"]): x["gflops_per_s"] for x in r["dense_conv_layers"]}
+        for layer in dict.fromkeys(x["layer"] for x in r["dense_conv_layers"]):
+            print(f"| {layer} | " + " | ".join(f"{cell[layer, n]:.0f}" for n in batches) + " |")
         print()
         print("| implementation | malloc | GFLOP/s | of the best dense rate |")
         print("|---|---|---|---|")

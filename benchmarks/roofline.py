@@ -11,10 +11,13 @@ convolutions into) ignores ``groups`` and overcounts it by the number of tasks.
 Then it measures the best rate this machine reaches on the network's own convolutions:
 each of the four layers, forward and backward (the weight gradient, and the input gradient
 but for the first layer, whose input is the images), as one dense
-convolution over all 32 x 75 query images (the most favourable batch the step contains),
-with freed memory kept for reuse (``imaml.keep_freed_memory``). The step's operations
-divided by that rate is a floor on its time that no implementation of the same arithmetic
-goes under on this machine. Reads docs/benchmarks/peers.json for the measured times.
+convolution over 5, 75, 160, 600 and 2,400 images (from one task's support set to the
+meta-batch's query sets), with freed memory kept for reuse
+(``imaml.keep_freed_memory``). Each layer's best rate over those batch sizes, weighted by
+its share of the operations, is the best rate for the step's convolutions; the step's
+operations divided by it is a floor on its time that an implementation of the same
+arithmetic does not go under on this machine (element-wise work, batch normalisation and
+the solver's vector arithmetic come on top). Reads docs/benchmarks/peers.json for the measured times.
 Writes docs/benchmarks/roofline.{json,png}.
 
     python benchmarks/roofline.py [--repeats 10]
@@ -31,14 +34,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from imaml import keep_freed_memory, make_algorithm
+from imaml import keep_freed_memory
 from imaml.models import OmniglotConvNet
 
 from common import OUT, timeit, write
-from peers import CG, LAM, LR, STEPS, data, torchopt_meta_step
+from peers import data, peer_algorithm, torchopt_meta_step
 
 # (input channels, input side) of the Omniglot network's four 3x3 stride-2 convolutions
 LAYERS = ((1, 28), (64, 14), (64, 8), (64, 4))
+# images per dense convolution: from one task's support set (5) to the meta-batch's query
+# sets (32 x 75)
+BATCHES = (5, 75, 160, 600, 2400)
 
 
 def count_flops(fn) -> dict:
@@ -56,16 +62,7 @@ def step_flops(tasks: int, queries: int) -> dict:
     g = torch.Generator().manual_seed(0)
     model = OmniglotConvNet(5, generator=g)
     batch = data(tasks, queries, g)
-    alg = make_algorithm(
-        "imaml",
-        model=model,
-        lam=LAM,
-        inner_steps=STEPS,
-        inner_lr=LR,
-        cg_steps=CG,
-        solver="cg",
-        batched=False,
-    )
+    alg = peer_algorithm(model, solver="cg", batched=False)
     params = dict(model.named_parameters())
     out = {"ours-loop-cg": count_flops(lambda: alg.meta_grad(params, batch))}
     try:
@@ -136,9 +133,12 @@ def main(argv=None) -> int:
     torch.set_flush_denormal(True)
     keep_freed_memory()
     flops = step_flops(args.tasks, args.queries)
-    layers = conv_rate(args.tasks * 5 * args.queries, args.repeats)
-    total = sum(r["gflop"] for r in layers)
-    best = total / sum(r["median_s"] for r in layers)  # the four layers' combined rate
+    layers = [r for n in BATCHES for r in conv_rate(n, args.repeats)]
+    # Every image of the step goes through the four layers, so the best combined rate is the
+    # four layers' FLOP shares, each at its best rate over the batch sizes measured.
+    share = {r["layer"]: r["gflop"] / r["images"] for r in layers}
+    rate = {k: max(r["gflops_per_s"] for r in layers if r["layer"] == k) for k in share}
+    best = sum(share.values()) / sum(share[k] / rate[k] for k in share)
     ours = flops["ours-loop-cg"]["gflop"]
     peers_path = OUT / "peers.json"
     achieved = []
