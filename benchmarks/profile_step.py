@@ -1,9 +1,12 @@
 """Where the time of one iMAML meta-step goes: torch.profiler's top operators.
 
-omniglot-5w1s network, meta-batch 32, 16 inner GD steps, 5 MINRES steps, CPU.
-Writes docs/benchmarks/profile_cpu.txt.
+omniglot-5w1s network, meta-batch 32, 16 inner GD steps, 5 MINRES steps, CPU, with freed
+memory kept for reuse as ``imaml train`` does (``--malloc system``: glibc's defaults).
+``--compile`` profiles the ``torch.compile``d step instead, with inductor's per-kernel
+profiling on, so its fused kernels appear by name (the compilation, minutes, is not
+profiled). Writes docs/benchmarks/profile_cpu.txt (``--compile``: profile_cpu_compiled.txt).
 
-    python benchmarks/profile_step.py [--rows 25]
+    python benchmarks/profile_step.py [--rows 25] [--compile] [--malloc keep|system]
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from imaml import TaskBatch, make_algorithm
+from imaml import TaskBatch, keep_freed_memory, make_algorithm
+from imaml.cuda_graph import MetaStep
 from imaml.models import OmniglotConvNet
 
 from common import OUT
@@ -25,8 +29,16 @@ def main(argv=None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--compile", action="store_true", help="profile the compiled step")
+    ap.add_argument("--malloc", choices=("keep", "system"), default="keep")
     args = ap.parse_args(argv)
     torch.set_flush_denormal(True)
+    if args.malloc == "keep" and not keep_freed_memory():
+        raise SystemExit("profile_step.py: --malloc keep needs glibc; use --malloc system")
+    if args.compile:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.enable_kernel_profile = True
     g = torch.Generator().manual_seed(0)
     model = OmniglotConvNet(5, generator=g)
     x = lambda: torch.rand(32, 5, 1, 28, 28, generator=g)
@@ -34,16 +46,21 @@ def main(argv=None) -> int:
     batch = TaskBatch(x(), y, x(), y)
     alg = make_algorithm("imaml", model=model, lam=2.0, inner_steps=16, inner_lr=0.1, cg_steps=5)
     params = dict(model.named_parameters())
-    alg.meta_grad(params, batch)  # warm-up
+    step = MetaStep(alg, compile=args.compile)
+    for _ in range(2):  # warm-up (compiled: compilation, then one step)
+        step(params, batch)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        alg.meta_grad(params, batch)
+        step(params, batch)
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows)
     OUT.mkdir(parents=True, exist_ok=True)
     header = (
         f"# One iMAML meta-step, omniglot-5w1s network, meta-batch 32, 16 inner steps, 5 MINRES steps\n"
-        f"# torch {torch.__version__}, {torch.get_num_threads()} threads; python benchmarks/profile_step.py\n"
+        f"# torch {torch.__version__}, {torch.get_num_threads()} threads, malloc {args.malloc}; "
+        f"python benchmarks/profile_step.py --malloc {args.malloc}"
+        f"{' --compile' if args.compile else ''}\n"
     )
-    (OUT / "profile_cpu.txt").write_text(header + table + "\n")
+    name = "profile_cpu_compiled.txt" if args.compile else "profile_cpu.txt"
+    (OUT / name).write_text(header + table + "\n")
     print(table)
     return 0
 
