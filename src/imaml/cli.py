@@ -71,7 +71,7 @@ HELP = {
     "(benchmarks/cpu_variants.py)",
     "cpu_malloc": "keep (default) or system: on the CPU, let glibc's malloc keep freed memory "
     "for reuse, so the meta-step's large tensors are not page-faulted in afresh every step "
-    "(same numbers; resident memory stays at its peak; benchmarks/cpu_malloc.py); system: "
+    "(same numbers; resident memory stays at its peak; benchmarks/peers.py); system: "
     "glibc's defaults",
 }
 

@@ -6,19 +6,21 @@ PyTorch's CPU allocator has no cache: every tensor is a ``malloc`` and every rel
 next allocation of the same size starts from unmapped memory again: one minor page
 fault, and the kernel zeroing 4 KiB, per page touched. A batched meta-step allocates
 activations of tens to hundreds of MiB (omniglot-5w1s, meta-batch 32, 15 queries: 32 x
-75 images x 64 channels x 14 x 14 floats = 120 MiB), and measured about 640,000 minor
-page faults per step on 2 CPU cores, a third of its time.
+75 images x 64 channels x 14 x 14 floats = 120 MiB): 520,000 to 690,000 minor page
+faults per step on 2 CPU cores, a quarter of its time (1.93 s per step, 1.47 s without).
 
 ``keep_freed_memory()`` sets two of glibc's ``mallopt`` parameters: blocks up to 1 GiB
 come from the heap instead of their own mappings, and freed memory at the top of the
 heap stays with the process (up to 2 GiB). The same sizes are then reused step after
-step without faults. The cost is that the process's resident memory does not shrink
-after its peak, as with PyTorch's own CUDA caching allocator. It changes no numbers,
-only where the bytes live. ``benchmarks/cpu_malloc.py`` measures it.
+step without faults. The cost is memory: the process's resident memory does not shrink
+after its peak (as with PyTorch's own CUDA caching allocator), and the heap fragments
+(the eager peer step's peak grew from 1537 to 2008 MiB; compiled or chunked, by 3-10%).
+It changes no numbers, only where the bytes live. ``benchmarks/peers.py`` measures it
+(both allocators, page faults per step).
 
 It acts on the whole process and only under glibc (Linux); elsewhere it does nothing
-and returns False. ``imaml train`` and ``imaml eval`` call it unless ``--cpu-malloc
-system`` is given.
+and returns False. On the CPU, ``imaml train`` calls it unless ``--cpu-malloc system``
+is given, and ``imaml eval`` as the run was trained (the config field ``cpu_malloc``).
 """
 
 from __future__ import annotations
