@@ -59,6 +59,15 @@ def write(name: str, payload: dict, out: pathlib.Path = OUT) -> pathlib.Path:
     return path
 
 
+def use_malloc(mode: str) -> None:
+    """``keep``: freed memory kept for reuse, as ``imaml train`` does on the CPU
+    (``imaml.keep_freed_memory``); ``system``: glibc's defaults."""
+    from imaml import keep_freed_memory
+
+    if mode == "keep" and not keep_freed_memory():
+        raise SystemExit("keeping freed memory needs glibc; use --malloc system")
+
+
 def run_fresh(cmd: list[str], **kwargs) -> dict:
     """Run a benchmark point in a fresh process (its own peak RSS); the JSON object it prints
     last, or ``{"error": <its last stderr line>}`` when it fails."""

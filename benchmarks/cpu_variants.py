@@ -37,15 +37,11 @@ from peers import CG, LAM, LR, STEPS, data, peer_algorithm
 VARIANTS = ("eager", "compiled-cold", "compiled-warm", "bf16", "autocast-bf16")
 
 
-def _rel(a: dict, b: dict) -> float:
-    num = sum(((a[k].double() - b[k].double()) ** 2).sum() for k in b)
-    return float((num / sum((b[k].double() ** 2).sum() for k in b)).sqrt())
-
-
 def run_one(variant: str, args) -> dict:
     from imaml import TaskBatch
     from imaml.cuda_graph import MetaStep
     from imaml.models import OmniglotConvNet
+    from imaml.params import norm, sub
 
     torch.set_flush_denormal(True)
     g = torch.Generator().manual_seed(0)
@@ -79,7 +75,7 @@ def run_one(variant: str, args) -> dict:
     except Exception as e:  # measured, not guessed: record what happens
         row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
         return row
-    row["rel_to_float64"] = _rel(out, reference)
+    row["rel_to_float64"] = float(norm(sub(out, reference)) / norm(reference))  # in float64
     row.update(timeit(fn, repeats=args.repeats, warmup=0))
     row["peak_rss_mib"] = peak_rss_mib()
     return row

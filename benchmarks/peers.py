@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from imaml import keep_freed_memory, make_algorithm
+from imaml import make_algorithm
 from imaml.cuda_graph import MetaStep
 from imaml.models import OmniglotConvNet
 
-from common import peak_rss_mib, run_fresh, timeit, write
+from common import peak_rss_mib, run_fresh, timeit, use_malloc, write
 
 IMPLS = (
     "ours-vmap-cg",
@@ -108,8 +108,7 @@ def minor_faults() -> int:
 
 def run_one(impl: str, args) -> dict:
     torch.set_flush_denormal(True)
-    if args.malloc == "keep" and not keep_freed_memory():
-        raise RuntimeError("keep_freed_memory() needs glibc")
+    use_malloc(args.malloc)
     g = torch.Generator().manual_seed(0)
     model = OmniglotConvNet(5, generator=g)
     batch = data(args.tasks, args.queries, g)

@@ -17,11 +17,11 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from imaml import TaskBatch, keep_freed_memory, make_algorithm
+from imaml import TaskBatch, make_algorithm
 from imaml.cuda_graph import MetaStep
 from imaml.models import OmniglotConvNet
 
-from common import OUT
+from common import OUT, use_malloc
 
 
 def main(argv=None) -> int:
@@ -33,8 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("--malloc", choices=("keep", "system"), default="keep")
     args = ap.parse_args(argv)
     torch.set_flush_denormal(True)
-    if args.malloc == "keep" and not keep_freed_memory():
-        raise SystemExit("profile_step.py: --malloc keep needs glibc; use --malloc system")
+    use_malloc(args.malloc)
     if args.compile:
         import torch._inductor.config as inductor_config
 

@@ -151,13 +151,14 @@ def main(argv=None) -> int:
             )
             if "gflop" not in impl_flops:
                 continue
+            achieved_rate = impl_flops["gflop"] / r["median_s"]
             achieved.append(
                 {
                     "impl": r["impl"],
                     "malloc": r.get("malloc", "system"),
                     "median_s": r["median_s"],
-                    "gflops_per_s": impl_flops["gflop"] / r["median_s"],
-                    "fraction_of_best": impl_flops["gflop"] / r["median_s"] / best,
+                    "gflops_per_s": achieved_rate,
+                    "fraction_of_best": achieved_rate / best,
                 }
             )
     payload = {

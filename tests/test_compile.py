@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from imaml import TaskBatch, make_algorithm
+from imaml.checkpoint import load_checkpoint
 from imaml.config import ConfigError, from_preset
 from imaml.cuda_graph import MetaStep
 from imaml.models import MLP
@@ -91,8 +92,9 @@ def test_training_with_compile_matches_eager(tmp_path):
     for compiled in (True, False):
         out = tmp_path / str(compiled)
         meta_train(cfg.replace(compile=compiled), out, progress=False, final_test=False)
-        params[compiled] = torch.load(out / "last.pt", weights_only=True)["params"]
-        assert torch.load(out / "last.pt", weights_only=True)["config"]["compile"] is compiled
+        ckpt = load_checkpoint(out / "last.pt")
+        params[compiled] = ckpt["params"]
+        assert ckpt["config"]["compile"] is compiled
     assert rel(params[True], params[False]) < 1e-5
 
 
