@@ -1,5 +1,10 @@
 """Peers side by side: our vmap path, our per-task loop, TorchOpt's implicit-gradient iMAML.
 
+TorchOpt runs twice: ``torchopt-cg``, written as lean as we could against its
+``custom_root`` API with CG, and ``torchopt-example``, the way TorchOpt's own iMAML example
+writes it (a ``torchopt.sgd`` inner optimiser, CG on the normal equations); see
+``torchopt_meta_step`` and ``torchopt_example_meta_step``.
+
 omniglot-5w1s network, meta-batch 32, 16 inner GD steps (lr 0.1), λ = 2, 5 CG steps, 15
 query images per class (as in MEASURED.md's peer table). Every implementation runs in a
 fresh process (so peak RSS is its own): one warm-up meta-step, then the median of
@@ -14,6 +19,7 @@ run it) and with freed memory kept for reuse (``keep``, ``imaml.keep_freed_memor
 Writes docs/benchmarks/peers.json; needs ``pip install -e .[bench]`` for TorchOpt.
 
     python benchmarks/peers.py [--repeats 3] [--queries 15] [--impls a,b] [--mallocs system,keep]
+    python benchmarks/peers.py --float64   # the rows' meta-gradients against the converged one
 """
 
 from __future__ import annotations
@@ -44,32 +50,30 @@ IMPLS = (
     "ours-compiled-minres",
     "ours-loop-cg",
     "torchopt-cg",
+    "torchopt-example",
 )
 MALLOCS = ("system", "keep")
 LAM, STEPS, LR, CG = 2.0, 16, 0.1, 5
 
 
-def data(tasks: int, queries: int, g):
+def data(tasks: int, queries: int, g, dtype=torch.float32):
     from imaml.data.omniglot import OmniglotTasks, load_omniglot, make_split
 
     d = load_omniglot(progress=False, download_missing=False)
     return OmniglotTasks(d, make_split(d)["train"], n_way=5, k_shot=1, k_query=queries).sample(
-        tasks, generator=g
+        tasks, generator=g, dtype=dtype
     )
 
 
 def peer_algorithm(model, *, solver: str, **kwargs):
-    """Our iMAML with the peer setting's hyperparameters."""
-    return make_algorithm(
-        "imaml", model=model, lam=LAM, inner_steps=STEPS, inner_lr=LR, cg_steps=CG, solver=solver,
-        **kwargs,
-    )  # fmt: skip
+    """Our iMAML with the peer setting's hyperparameters (``kwargs`` override them)."""
+    hp = {"lam": LAM, "inner_steps": STEPS, "inner_lr": LR, "cg_steps": CG} | kwargs
+    return make_algorithm("imaml", model=model, solver=solver, **hp)
 
 
-def torchopt_meta_step(model, meta_params, batch):
-    """One meta-step of iMAML written against TorchOpt 0.7.3's implicit-differentiation API."""
-    import torchopt
-
+def _torchopt_functions(model):
+    """(f, objective): the network as a function of a parameter tuple, and the proximal
+    inner objective L̂(φ) + (λ/2)‖φ − θ‖² of one task."""
     names = [n for n, _ in model.named_parameters()]
     f = lambda params, x: functional_call(model, dict(zip(names, params, strict=True)), (x,))
 
@@ -77,10 +81,32 @@ def torchopt_meta_step(model, meta_params, batch):
         reg = sum(((p - m) ** 2).sum() for p, m in zip(params, meta, strict=True))
         return F.cross_entropy(f(params, x), y) + 0.5 * LAM * reg
 
-    optimality = torch.func.grad(objective, argnums=0)
+    return f, objective
+
+
+def _torchopt_batch(f, inner, meta_params, batch) -> None:
+    """Accumulate the mean over the batch's tasks of the query loss's gradient into
+    ``.grad``, φ of each task from ``inner`` (a TorchOpt ``custom_root`` function)."""
+    for p in meta_params:
+        p.grad = None
+    for i in range(batch.num_tasks):
+        sx, sy, qx, qy = batch.task(i)
+        start = tuple(p.detach().clone().requires_grad_() for p in meta_params)
+        phi = inner(start, meta_params, sx, sy)
+        (F.cross_entropy(f(phi, qx), qy) / batch.num_tasks).backward()
+
+
+def torchopt_meta_step(model, meta_params, batch):
+    """One meta-step of iMAML written against TorchOpt 0.7.3's implicit-differentiation API,
+    as lean as we could make it: CG, and an inner loop that keeps no graph between steps."""
+    import torchopt
+
+    f, objective = _torchopt_functions(model)
 
     @torchopt.diff.implicit.custom_root(
-        optimality, argnums=1, solve=torchopt.linear_solve.solve_cg(maxiter=CG)
+        torch.func.grad(objective, argnums=0),
+        argnums=1,
+        solve=torchopt.linear_solve.solve_cg(maxiter=CG),
     )
     def inner(params, meta, x, y):
         meta = tuple(m.detach() for m in meta)
@@ -94,12 +120,79 @@ def torchopt_meta_step(model, meta_params, batch):
                 )
         return tuple(p.detach() for p in params)
 
-    for p in meta_params:
-        p.grad = None
-    for i in range(batch.num_tasks):
-        sx, sy, qx, qy = batch.task(i)
-        phi = inner(tuple(p.detach().clone() for p in meta_params), meta_params, sx, sy)
-        (F.cross_entropy(f(phi, qx), qy) / batch.num_tasks).backward()
+    _torchopt_batch(f, inner, meta_params, batch)
+
+
+def torchopt_example_meta_step(model, meta_params, batch):
+    """One meta-step the way TorchOpt's own iMAML example (examples/iMAML/imaml_omniglot.py
+    in its repository) writes it: the inner loop steps a ``torchopt.sgd`` optimiser with
+    ``torch.autograd.grad`` on the proximal objective, and the implicit gradient is solved
+    by ``solve_normal_cg(maxiter=5, atol=0)``, CG on the normal equations (two products with
+    I + H/λ per iteration, and sound when it is indefinite, as our MINRES is). Two
+    differences from the example, both to compute the same meta-gradient as the other rows:
+    every task starts from its own copy of θ (the example's in-place ``apply_updates``
+    shares one copy, so each task would start where the previous one ended), and the batch
+    gives one meta-gradient (the example steps the meta-optimiser after every task)."""
+    import torchopt
+
+    f, objective = _torchopt_functions(model)
+
+    @torchopt.diff.implicit.custom_root(
+        torch.func.grad(objective, argnums=0),
+        argnums=1,
+        solve=torchopt.linear_solve.solve_normal_cg(maxiter=CG, atol=0),
+    )
+    def inner(params, meta, x, y):
+        sgd = torchopt.sgd(lr=LR)
+        state = sgd.init(params)
+        with torch.enable_grad():
+            for _ in range(STEPS):
+                grads = torch.autograd.grad(objective(params, meta, x, y), params)
+                updates, state = sgd.update(grads, state)
+                params = torchopt.apply_updates(params, updates)
+        return params
+
+    _torchopt_batch(f, inner, meta_params, batch)
+
+
+TORCHOPT = {"torchopt-cg": torchopt_meta_step, "torchopt-example": torchopt_example_meta_step}
+
+
+def float64_distances(tasks: int, queries: int) -> dict:
+    """That the rows compute the same meta-gradient, and how far 5 solver steps get.
+
+    In float64 on a small batch, the relative distance of each implementation's mean
+    meta-gradient to the converged one (our MINRES run for 200 steps; TorchOpt's CG run to
+    its tolerance lands on it too). CG rows agree with one another to rounding; MINRES and
+    TorchOpt's normal-equations CG are different 5-step approximations of the same solve.
+    """
+    g = torch.Generator().manual_seed(0)
+    model = OmniglotConvNet(5, generator=g).double()
+    batch = data(tasks, queries, g, dtype=torch.float64)
+    names = [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+    flat = lambda grads: torch.cat([grads[n].flatten() for n in names])
+
+    def ours(**kw):
+        return flat(peer_algorithm(model, **kw).meta_grad(params, batch)[0])
+
+    converged = ours(solver="minres", cg_steps=200)
+    grads = {
+        "ours-vmap-cg": ours(solver="cg"),
+        "ours-vmap-minres": ours(solver="minres"),
+        "ours-loop-cg": ours(solver="cg", batched=False),
+    }
+    meta = tuple(model.parameters())
+    for name, step in TORCHOPT.items():
+        step(model, meta, batch)
+        grads[name] = flat({n: p.grad for n, p in zip(names, meta, strict=True)})
+    rel = lambda a, b: float((a - b).norm() / b.norm())
+    return {
+        "distance_to_converged": {k: rel(v, converged) for k, v in grads.items()},
+        "cg_rows_vs_ours_vmap_cg": {
+            k: rel(grads[k], grads["ours-vmap-cg"]) for k in ("ours-loop-cg", "torchopt-cg")
+        },
+    }
 
 
 def minor_faults() -> int:
@@ -125,7 +218,7 @@ def run_one(impl: str, args) -> dict:
         fn = lambda: step(params, batch)
     else:
         meta = tuple(model.parameters())
-        fn = lambda: torchopt_meta_step(model, meta, batch)
+        fn = lambda: TORCHOPT[impl](model, meta, batch)
     t0 = time.perf_counter()
     fn()  # warm-up (for the compiled step: compilation)
     first = time.perf_counter() - t0
@@ -163,7 +256,22 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default="peers", help="output docs/benchmarks/NAME.json")
     ap.add_argument("--impl", choices=IMPLS, help=argparse.SUPPRESS)
     ap.add_argument("--malloc", choices=MALLOCS, default="system", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--float64",
+        action="store_true",
+        help="instead of timing, check the rows' meta-gradients against the converged one in "
+        "float64 (2 tasks, 3 query images per class); writes docs/benchmarks/NAME_float64.json",
+    )
     args = ap.parse_args(argv)
+    if args.float64:
+        dist = float64_distances(tasks=2, queries=3)
+        for k, v in dist["distance_to_converged"].items():
+            print(f"{k:20s} relative distance to the converged meta-gradient {v:.2e}")
+        for k, v in dist["cg_rows_vs_ours_vmap_cg"].items():
+            print(f"{k:20s} relative distance to ours-vmap-cg {v:.2e}")
+        cfg = {"tasks": 2, "queries": 3, "reference": "ours, MINRES, 200 steps"}
+        write(f"{args.name}_float64", {"config": cfg, **dist})
+        return 0
     if args.impl:
         print(json.dumps(run_one(args.impl, args)))
         return 0
@@ -188,7 +296,8 @@ def main(argv=None) -> int:
             )
     ok = {(r["impl"], r["malloc"]): r for r in rows if "error" not in r}
     # Speed-ups over the references as their users run them (glibc's default allocator).
-    for key, ref_impl in (("torchopt", "torchopt-cg"), ("ours_loop", "ours-loop-cg")):
+    refs = (("torchopt", "torchopt-cg"), ("torchopt_example", "torchopt-example"))
+    for key, ref_impl in (*refs, ("ours_loop", "ours-loop-cg")):
         ref = ok.get((ref_impl, "system"))
         for r in ok.values() if ref else ():
             r[f"speedup_vs_{key}"] = ref["median_s"] / r["median_s"]

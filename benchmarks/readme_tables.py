@@ -41,6 +41,7 @@ def fig2b_table(r) -> None:
 
 
 def main() -> int:
+    nan = float("nan")
     r = load("omniglot_5w1s_cpu_baselines")
     if r:
         print(
@@ -106,32 +107,43 @@ def main() -> int:
         print()
     r = load("peers")
     if r:
+        refs = (("torchopt", "TorchOpt"), ("torchopt_example", "TorchOpt's example"))
+        refs += (("ours_loop", "our loop"),)
         print(
-            "| implementation | malloc | s / meta-step | first call | page faults / step "
-            "| peak RSS | speed-up vs TorchOpt | speed-up vs our loop |"
+            "| implementation | malloc | s / meta-step | first call | page faults / step | peak RSS | "
+            + " | ".join(f"speed-up vs {name}" for _, name in refs)
+            + " |"
         )
-        print("|---|---|---|---|---|---|---|---|")
-        nan = float("nan")
+        print("|---|---|---|---|---|---|" + "---|" * len(refs))
         for x in r["rows"]:
             malloc = x.get("malloc", "system")
             if "error" in x:
-                print(f"| {x['impl']} | {malloc} | failed: {x['error']} | | | | | |")
+                print(f"| {x['impl']} | {malloc} | failed: {x['error']} |" + " |" * (3 + len(refs)))
                 continue
             first = f"{x['first_call_s']:.1f} s" if "first_call_s" in x else "–"
             faults = x.get("minor_faults_per_step")
             print(
                 f"| {x['impl']} | {malloc} | {x['median_s']:.2f} | {first} | "
                 f"{'–' if faults is None else f'{faults:,.0f}'} | {x['peak_rss_mib']:.0f} MiB | "
-                f"{x.get('speedup_vs_torchopt', nan):.2f}× | {x.get('speedup_vs_ours_loop', nan):.2f}× |"
+                + " | ".join(f"{x.get(f'speedup_vs_{key}', nan):.2f}×" for key, _ in refs)
+                + " |"
             )
+        print()
+    r = load("peers_float64")
+    if r:
+        for k, v in r["distance_to_converged"].items():
+            print(f"float64, {k}: {v:.2f} from the converged meta-gradient")
+        for k, v in r["cg_rows_vs_ours_vmap_cg"].items():
+            print(f"float64, {k} vs ours-vmap-cg: {v:.1e}")
         print()
     r = load("roofline")
     if r:
         f = r["step_flops"]
         print(
-            f"one meta-step: {f['ours-loop-cg']['gflop']:.1f} GFLOP (ours), "
-            f"{f['torchopt-cg'].get('gflop', nan):.1f} GFLOP (TorchOpt); best dense-convolution "
-            f"rate {r['best_dense_conv_gflops_per_s']:.0f} GFLOP/s, floor {r['floor_s_ours']:.2f} s"
+            "one meta-step: "
+            + ", ".join(f"{k} {v.get('gflop', nan):.1f} GFLOP" for k, v in f.items())
+            + f"; best dense-convolution rate {r['best_dense_conv_gflops_per_s']:.0f} GFLOP/s, "
+            f"floor {r['floor_s_ours']:.2f} s"
         )
         print()
         batches = sorted({x["images"] for x in r["dense_conv_layers"]})

@@ -3,7 +3,8 @@
 Counts the floating-point operations of one meta-step of the peer benchmark (omniglot-5w1s
 network, meta-batch 32, 16 inner GD steps, 5 CG steps, 15 query images per class) with
 ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matrix products, forward
-and backward), for our per-task loop and for TorchOpt's iMAML. Our vmap path does the same
+and backward), for our per-task loop and for both TorchOpt rows of peers.py (its
+normal-equations CG does two Hessian-vector products per step). Our vmap path does the same
 arithmetic batched; it is not counted directly because in PyTorch 2.13 the counter's
 formula for the weight gradient of a grouped convolution (what vmap turns the tasks'
 convolutions into) ignores ``groups`` and overcounts it by the number of tasks.
@@ -38,7 +39,7 @@ from imaml import keep_freed_memory
 from imaml.models import OmniglotConvNet
 
 from common import OUT, timeit, write
-from peers import data, peer_algorithm, torchopt_meta_step
+from peers import TORCHOPT, data, peer_algorithm
 
 # (input channels, input side) of the Omniglot network's four 3x3 stride-2 convolutions
 LAYERS = ((1, 28), (64, 14), (64, 8), (64, 4))
@@ -65,11 +66,12 @@ def step_flops(tasks: int, queries: int) -> dict:
     alg = peer_algorithm(model, solver="cg", batched=False)
     params = dict(model.named_parameters())
     out = {"ours-loop-cg": count_flops(lambda: alg.meta_grad(params, batch))}
-    try:
-        meta = tuple(model.parameters())
-        out["torchopt-cg"] = count_flops(lambda: torchopt_meta_step(model, meta, batch))
-    except ImportError as e:
-        out["torchopt-cg"] = {"error": f"{type(e).__name__}: {e}"}
+    meta = tuple(model.parameters())
+    for name, step in TORCHOPT.items():
+        try:
+            out[name] = count_flops(lambda step=step: step(model, meta, batch))
+        except ImportError as e:
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
     return out
 
 
@@ -146,9 +148,7 @@ def main(argv=None) -> int:
         for r in json.loads(peers_path.read_text())["rows"]:
             if "error" in r:
                 continue
-            impl_flops = (
-                flops["torchopt-cg"] if r["impl"].startswith("torchopt") else flops["ours-loop-cg"]
-            )
+            impl_flops = flops.get(r["impl"], flops["ours-loop-cg"])
             if "gflop" not in impl_flops:
                 continue
             achieved_rate = impl_flops["gflop"] / r["median_s"]
@@ -173,7 +173,8 @@ def main(argv=None) -> int:
     write("roofline", payload)
     plot(payload, OUT / "roofline.png")
     print(
-        f"one meta-step: {ours:.1f} GFLOP (ours), {flops['torchopt-cg'].get('gflop', float('nan')):.1f} (TorchOpt)"
+        "one meta-step: "
+        + ", ".join(f"{k} {v.get('gflop', float('nan')):.1f} GFLOP" for k, v in flops.items())
     )
     print(
         f"best dense-convolution rate on these layers: {best:.0f} GFLOP/s -> floor {ours / best:.2f} s/step"
