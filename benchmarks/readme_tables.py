@@ -163,6 +163,22 @@ def main() -> int:
                 f"{100 * x['fraction_of_best']:.0f}% |"
             )
         print()
+    r = load("conv_layouts")
+    if r:
+        per_task = sorted({x["images_per_task"] for x in r["layers"]})
+        print(
+            "| layout | " + " | ".join(f"4 layers, {n} images/task (ms)" for n in per_task) + " |"
+        )
+        print("|---|" + "---|" * len(per_task))
+        for layout in dict.fromkeys(x["layout"] for x in r["layers"]):
+            cells = [1e3 * r["four_layers_s"][f"{layout}, {n} images/task"] for n in per_task]
+            print(f"| {layout} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+        print()
+        for x in r["query_gradient"]:
+            print(f"query gradient, {x['query_gradient']}: {1e3 * x['median_s']:.0f} ms")
+        for x in r.get("meta_step", []):
+            print(f"peer meta-step, {x['images']}: {x['median_s']:.2f} s")
+        print()
     for r in (load("cpu_variants"), load("cpu_variants_minres")):
         if not r:
             continue

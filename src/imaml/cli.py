@@ -345,6 +345,7 @@ BENCHMARKS = (
     "fig2b_cost",
     "peers",
     "roofline",
+    "conv_layouts",
     "profile_step",
     "cpu_variants",
     "gpu_step",
