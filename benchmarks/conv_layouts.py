@@ -18,7 +18,8 @@ Each output is checked against ``vmap-grouped`` (max abs difference, float32). T
 whole query gradient (15 images per class, the network at 32 tasks' own parameters, as in
 the peer step of peers.py) vmapped and in a per-task loop, and the whole eager peer
 meta-step with the images stored so that vmap's convolutions run channels-last from the
-first layer on (``channels_last_per_task``; the math is the same). Freed memory is kept
+first layer on (``channels_last_per_task``; the math is the same) and with the query
+gradient alone in a per-task loop (``query_looped_step``). Freed memory is kept
 (``imaml.keep_freed_memory``), as ``imaml train`` does on the CPU.
 Writes docs/benchmarks/conv_layouts.{json,png}.
 
@@ -36,6 +37,7 @@ from roofline import LAYERS
 from torch.func import grad, vmap
 
 from imaml import keep_freed_memory, make_algorithm
+from imaml.implicit import solve_implicit
 from imaml.models import OmniglotConvNet
 
 from common import OUT, timeit, write
@@ -141,9 +143,10 @@ def query_rows(tasks: int, repeats: int) -> list[dict]:
         ],
     }
     a, b = fns["vmap"](), fns["per-task loop"]()
+    # relative to the whole task gradient (the conv biases before batch norm get ~0)
+    flat = lambda gr: torch.cat([v.flatten() for v in gr.values()])
     diff = max(
-        float((a[k][i] - b[i][k]).abs().max() / a[k][i].abs().max())
-        for k in a
+        float((flat({k: a[k][i] for k in a}) - flat(b[i])).norm() / flat(b[i]).norm())
         for i in range(tasks)
     )
     rows = []
@@ -161,30 +164,64 @@ def channels_last_per_task(x):
     return x.permute(1, 3, 4, 0, 2).contiguous().permute(3, 0, 4, 1, 2)
 
 
-def step_rows(tasks: int, repeats: int) -> list[dict]:
-    """The whole eager peer meta-step (peers.py's ours-vmap-cg), images as they come and laid
-    out with ``channels_last_per_task``."""
+def query_looped_step(alg, params, batch):
+    """The iMAML meta-gradient (CG, as peer_algorithm sets it) with the query gradient in a
+    per-task loop: vmapped inner loop, looped query gradient, vmapped solve."""
+    phi = vmap(lambda sx, sy: alg.adapt(params, sx, sy))(batch.support_x, batch.support_y)
+    loss = lambda p, x, y: alg.loss_of(x, y)(p)
+    per_task = [
+        grad(loss)({k: v[i] for k, v in phi.items()}, batch.query_x[i], batch.query_y[i])
+        for i in range(batch.num_tasks)
+    ]
+    v = {k: torch.stack([q[k] for q in per_task]) for k in phi}
+
+    def solve(phi, v, sx, sy):
+        return solve_implicit(
+            alg.loss_of(sx, sy), v, phi, lam=alg.lam, solver=alg.solver, steps=alg.cg_steps
+        )[0]
+
+    g = vmap(solve)(phi, v, batch.support_x, batch.support_y)
+    return {k: x.mean(0) for k, x in g.items()}
+
+
+def step_rows(tasks: int, repeats: int) -> dict:
+    """The whole eager peer meta-step (peers.py's ours-vmap-cg): as it is, with the images
+    laid out by ``channels_last_per_task``, and with the query gradient in a per-task loop
+    (``query_looped_step``; its distance to the step, in float64 on 4 tasks, is recorded)."""
     from imaml import TaskBatch
 
     from peers import data, peer_algorithm
 
-    g = torch.Generator().manual_seed(0)
-    model = OmniglotConvNet(5, generator=g)
-    alg = peer_algorithm(model, solver="cg")
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    batch = data(tasks, 15, g)
+    def setup(dtype, n):
+        g = torch.Generator().manual_seed(0)
+        model = OmniglotConvNet(5, generator=g).to(dtype)
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        return peer_algorithm(model, solver="cg"), params, data(n, 15, g, dtype=dtype)
+
+    alg, params, batch = setup(torch.float64, 4)
+    flat = lambda grads: torch.cat([grads[k].flatten() for k in params])
+    ref = flat(alg.meta_grad(params, batch)[0])
+    distance = float((flat(query_looped_step(alg, params, batch)) - ref).norm() / ref.norm())
+    print(f"query gradient in a loop vs the step, float64: {distance:.1e}")
+
+    alg, params, batch = setup(torch.float32, tasks)
     cl = TaskBatch(
         channels_last_per_task(batch.support_x),
         batch.support_y,
         channels_last_per_task(batch.query_x),
         batch.query_y,
     )
+    variants = {
+        "as it is": lambda: alg.meta_grad(params, batch),
+        "channels_last_per_task images": lambda: alg.meta_grad(params, cl),
+        "query gradient in a per-task loop": lambda: query_looped_step(alg, params, batch),
+    }
     rows = []
-    for name, b in (("images as they come", batch), ("channels_last_per_task", cl)):
-        t = timeit(lambda b=b: alg.meta_grad(params, b), repeats=repeats, warmup=1)
-        rows.append({"images": name, "median_s": t["median_s"]})
-        print(f"peer meta-step, {name:24s} {t['median_s']:6.2f} s")
-    return rows
+    for name, fn in variants.items():
+        t = timeit(fn, repeats=repeats, warmup=1)
+        rows.append({"variant": name, "median_s": t["median_s"]})
+        print(f"peer meta-step, {name:34s} {t['median_s']:6.2f} s")
+    return {"rows": rows, "query_looped_vs_step_float64": distance}
 
 
 def plot(payload: dict, path) -> None:

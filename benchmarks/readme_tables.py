@@ -176,8 +176,11 @@ def main() -> int:
         print()
         for x in r["query_gradient"]:
             print(f"query gradient, {x['query_gradient']}: {1e3 * x['median_s']:.0f} ms")
-        for x in r.get("meta_step", []):
-            print(f"peer meta-step, {x['images']}: {x['median_s']:.2f} s")
+        step = r.get("meta_step", {})
+        for x in step.get("rows", []):
+            print(f"peer meta-step, {x['variant']}: {x['median_s']:.2f} s")
+        if step:
+            print(f"query-looped vs step, float64: {step['query_looped_vs_step_float64']:.1e}")
         print()
     for r in (load("cpu_variants"), load("cpu_variants_minres")):
         if not r:
