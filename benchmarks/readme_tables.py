@@ -175,7 +175,10 @@ def main() -> int:
             print(f"| {layout} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
         print()
         for x in r["query_gradient"]:
-            print(f"query gradient, {x['query_gradient']}: {1e3 * x['median_s']:.0f} ms")
+            print(
+                f"query gradient, {x.get('query_per_class', 15)}/class, {x['query_gradient']}: "
+                f"{1e3 * x['median_s']:.0f} ms"
+            )
         step = r.get("meta_step", {})
         for x in step.get("rows", []):
             print(f"peer meta-step, {x['variant']}: {x['median_s']:.2f} s")
