@@ -15,12 +15,13 @@ the Hessian-vector products) and of 75 images (a query set at 15 per class):
 - ``dense-per-task``: a Python loop of 32 dense convolutions.
 
 Each output is checked against ``vmap-grouped`` (max abs difference, float32). Then the
-whole query gradient (15 images per class, the network at 32 tasks' own parameters, as in
-the peer step of peers.py) vmapped and in a per-task loop, and the whole eager peer
-meta-step with the images stored so that vmap's convolutions run channels-last from the
-first layer on (``channels_last_per_task``; the math is the same) and with the query
-gradient alone in a per-task loop (``query_looped_step``). Freed memory is kept
-(``imaml.keep_freed_memory``), as ``imaml train`` does on the CPU.
+query gradient (15 images per class, as in the peer step of peers.py, and 1, as in the
+omniglot-5w1s preset; the network at 32 tasks' own parameters) vmapped and in a per-task
+loop. Last, the whole eager peer meta-step as it is, with the images stored so that
+vmap's convolutions run channels-last from the first layer on (``channels_last_per_task``;
+the math is the same), and with the query gradient alone in a per-task loop
+(``query_looped_step``). Freed memory is kept (``imaml.keep_freed_memory``), as
+``imaml train`` does on the CPU.
 Writes docs/benchmarks/conv_layouts.{json,png}.
 
     python benchmarks/conv_layouts.py [--repeats 15] [--tasks 32]
@@ -33,7 +34,6 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from roofline import LAYERS
 from torch.func import grad, vmap
 
 from imaml import keep_freed_memory, make_algorithm
@@ -41,6 +41,7 @@ from imaml.implicit import solve_implicit
 from imaml.models import OmniglotConvNet
 
 from common import OUT, timeit, write
+from roofline import LAYERS
 
 LAYOUTS = ("vmap-grouped", "grouped-channels-last", "dense-per-task")
 PER_TASK = (5, 75)  # a support set of 5-way 1-shot; a query set of 15 images per class
