@@ -9,7 +9,13 @@ $PY hvp_modes.py
 $PY solver_accuracy.py --data omniglot
 $PY solver_accuracy.py --data random
 $PY profile_step.py
+$PY profile_step.py --compile
 $PY inner_solvers.py
-$PY peers.py
+$PY peers.py --repeats 5
+$PY peers.py --float64
+$PY roofline.py            # reads peers.json
+$PY conv_layouts.py
+$PY cpu_variants.py
+$PY cpu_variants.py --solver minres
 $PY fig2b_cost.py
 $PY fig2a_accuracy.py
