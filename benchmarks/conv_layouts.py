@@ -39,6 +39,7 @@ from torch.func import grad, vmap
 from imaml import keep_freed_memory, make_algorithm
 from imaml.implicit import solve_implicit
 from imaml.models import OmniglotConvNet
+from imaml.params import norm, sub
 
 from common import OUT, timeit, write
 from roofline import LAYERS
@@ -122,39 +123,40 @@ def layer_rows(tasks: int, repeats: int) -> list[dict]:
     return rows
 
 
+def query_case(tasks: int, per_class: int) -> tuple[dict, float]:
+    """({"vmap": fn, "per-task loop": fn}, their largest relative distance over the tasks):
+    the query gradient at ``per_class`` images per class, the network at 32 tasks' own
+    parameters, as after the inner loop."""
+    from peers import data
+
+    g = torch.Generator().manual_seed(0)
+    model = OmniglotConvNet(5, generator=g)
+    alg = make_algorithm("imaml", model=model)
+    batch = data(tasks, per_class, g)
+    phi = {
+        k: v.detach() + 0.01 * torch.randn(tasks, *v.shape, generator=g)
+        for k, v in model.named_parameters()
+    }
+    loss = lambda p, x, y: alg.loss_of(x, y)(p)
+    task = lambda i: {k: v[i] for k, v in phi.items()}
+    fns = {
+        "vmap": lambda: vmap(grad(loss))(phi, batch.query_x, batch.query_y),
+        "per-task loop": lambda: [
+            grad(loss)(task(i), batch.query_x[i], batch.query_y[i]) for i in range(tasks)
+        ],
+    }
+    a, b = fns["vmap"](), fns["per-task loop"]()
+    # over the whole task gradient (the conv biases before batch norm get ~0)
+    a = [{k: v[i] for k, v in a.items()} for i in range(tasks)]
+    return fns, max(float(norm(sub(a[i], b[i])) / norm(b[i])) for i in range(tasks))
+
+
 def query_rows(tasks: int, repeats: int) -> list[dict]:
     """The query gradient, vmapped and per task, at 15 query images per class (the peer
     step) and at 1 (the omniglot-5w1s preset)."""
-    from peers import data
-
     rows = []
     for per_class in (15, 1):
-        g = torch.Generator().manual_seed(0)
-        model = OmniglotConvNet(5, generator=g)
-        alg = make_algorithm("imaml", model=model)
-        batch = data(tasks, per_class, g)
-        # each task its own parameters, as after the inner loop
-        phi = {
-            k: v.detach() + 0.01 * torch.randn(tasks, *v.shape, generator=g)
-            for k, v in model.named_parameters()
-        }
-        loss = lambda p, x, y, alg=alg: alg.loss_of(x, y)(p)
-        fns = {
-            "vmap": lambda phi=phi, batch=batch, loss=loss: vmap(grad(loss))(
-                phi, batch.query_x, batch.query_y
-            ),
-            "per-task loop": lambda phi=phi, batch=batch, loss=loss: [
-                grad(loss)({k: v[i] for k, v in phi.items()}, batch.query_x[i], batch.query_y[i])
-                for i in range(tasks)
-            ],
-        }
-        a, b = fns["vmap"](), fns["per-task loop"]()
-        # relative to the whole task gradient (the conv biases before batch norm get ~0)
-        flat = lambda gr: torch.cat([v.flatten() for v in gr.values()])
-        diff = max(
-            float((flat({k: a[k][i] for k in a}) - flat(b[i])).norm() / flat(b[i]).norm())
-            for i in range(tasks)
-        )
+        fns, diff = query_case(tasks, per_class)
         for name, fn in fns.items():
             t = timeit(fn, repeats=repeats, warmup=1)
             rows.append(
@@ -211,9 +213,8 @@ def step_rows(tasks: int, repeats: int) -> dict:
         return peer_algorithm(model, solver="cg"), params, data(n, 15, g, dtype=dtype)
 
     alg, params, batch = setup(torch.float64, 4)
-    flat = lambda grads: torch.cat([grads[k].flatten() for k in params])
-    ref = flat(alg.meta_grad(params, batch)[0])
-    distance = float((flat(query_looped_step(alg, params, batch)) - ref).norm() / ref.norm())
+    ref = alg.meta_grad(params, batch)[0]
+    distance = float(norm(sub(query_looped_step(alg, params, batch), ref)) / norm(ref))
     print(f"query gradient in a loop vs the step, float64: {distance:.1e}")
 
     alg, params, batch = setup(torch.float32, tasks)

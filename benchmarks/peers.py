@@ -39,6 +39,7 @@ from torch.func import functional_call
 from imaml import make_algorithm
 from imaml.cuda_graph import MetaStep
 from imaml.models import OmniglotConvNet
+from imaml.params import norm, sub
 
 from common import peak_rss_mib, run_fresh, timeit, use_malloc, write
 
@@ -53,6 +54,12 @@ IMPLS = (
     "torchopt-example",
 )
 MALLOCS = ("system", "keep")
+# speedup_vs_<key> and rss_vs_<key> of every row are over these rows under ``system``
+REFERENCES = (
+    ("torchopt", "torchopt-cg"),
+    ("torchopt_example", "torchopt-example"),
+    ("ours_loop", "ours-loop-cg"),
+)
 LAM, STEPS, LR, CG = 2.0, 16, 0.1, 5
 
 
@@ -169,24 +176,18 @@ def float64_distances(tasks: int, queries: int) -> dict:
     g = torch.Generator().manual_seed(0)
     model = OmniglotConvNet(5, generator=g).double()
     batch = data(tasks, queries, g, dtype=torch.float64)
-    names = [n for n, _ in model.named_parameters()]
     params = dict(model.named_parameters())
-    flat = lambda grads: torch.cat([grads[n].flatten() for n in names])
-
-    def ours(**kw):
-        return flat(peer_algorithm(model, **kw).meta_grad(params, batch)[0])
-
+    ours = lambda **kw: peer_algorithm(model, **kw).meta_grad(params, batch)[0]
     converged = ours(solver="minres", cg_steps=200)
     grads = {
         "ours-vmap-cg": ours(solver="cg"),
         "ours-vmap-minres": ours(solver="minres"),
         "ours-loop-cg": ours(solver="cg", batched=False),
     }
-    meta = tuple(model.parameters())
     for name, step in TORCHOPT.items():
-        step(model, meta, batch)
-        grads[name] = flat({n: p.grad for n, p in zip(names, meta, strict=True)})
-    rel = lambda a, b: float((a - b).norm() / b.norm())
+        step(model, tuple(params.values()), batch)
+        grads[name] = {k: p.grad for k, p in params.items()}
+    rel = lambda a, b: float(norm(sub(a, b)) / norm(b))
     return {
         "distance_to_converged": {k: rel(v, converged) for k, v in grads.items()},
         "cg_rows_vs_ours_vmap_cg": {
@@ -296,8 +297,7 @@ def main(argv=None) -> int:
             )
     ok = {(r["impl"], r["malloc"]): r for r in rows if "error" not in r}
     # Speed-ups over the references as their users run them (glibc's default allocator).
-    refs = (("torchopt", "torchopt-cg"), ("torchopt_example", "torchopt-example"))
-    for key, ref_impl in (*refs, ("ours_loop", "ours-loop-cg")):
+    for key, ref_impl in REFERENCES:
         ref = ok.get((ref_impl, "system"))
         for r in ok.values() if ref else ():
             r[f"speedup_vs_{key}"] = ref["median_s"] / r["median_s"]

@@ -17,11 +17,12 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from imaml import TaskBatch, make_algorithm
+from imaml import TaskBatch
 from imaml.cuda_graph import MetaStep
 from imaml.models import OmniglotConvNet
 
 from common import OUT, use_malloc
+from peers import peer_algorithm
 
 
 def main(argv=None) -> int:
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
     x = lambda: torch.rand(32, 5, 1, 28, 28, generator=g)
     y = torch.arange(5).repeat(32, 1)
     batch = TaskBatch(x(), y, x(), y)
-    alg = make_algorithm("imaml", model=model, lam=2.0, inner_steps=16, inner_lr=0.1, cg_steps=5)
+    alg = peer_algorithm(model, solver="minres")
     params = dict(model.named_parameters())
     step = MetaStep(alg, compile=args.compile)
     for _ in range(2):  # warm-up (compiled: compilation, then one step)

@@ -107,8 +107,11 @@ def main() -> int:
         print()
     r = load("peers")
     if r:
-        refs = (("torchopt", "TorchOpt"), ("torchopt_example", "TorchOpt's example"))
-        refs += (("ours_loop", "our loop"),)
+        refs = (
+            ("torchopt", "TorchOpt"),
+            ("torchopt_example", "TorchOpt's example"),
+            ("ours_loop", "our loop"),
+        )
         print(
             "| implementation | malloc | s / meta-step | first call | page faults / step | peak RSS | "
             + " | ".join(f"speed-up vs {name}" for _, name in refs)
