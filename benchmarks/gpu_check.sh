@@ -18,6 +18,11 @@
 #
 #   IMAML_DATA_DIR=/path/holding/omniglot bash benchmarks/gpu_check.sh [TRAIN_SECONDS]
 #
+# STAGES picks stages (default all: "device tests step profile compile fig2b train"; compile runs
+# only with COMPILE_S > 0), e.g. the speed check alone, within ~8 minutes:
+#   STAGES="device tests step profile compile" COMPILE_S=330 STEP_ARGS="--repeats 10 --loop-repeats 0" \
+#   bash benchmarks/gpu_check.sh
+#
 # To try the script without a GPU (small sizes, CPU; CUDA tests skip):
 #   DEVICE=cpu STEP_ARGS="--repeats 1 --tasks 4 --channels 8" FIG2B_ARGS="--meta-batch 1 \
 #   --time-cap 0.01" OUT=/tmp/gpu-check bash benchmarks/gpu_check.sh 20
@@ -33,27 +38,43 @@ COMPILE_S=${COMPILE_S:-0}
 DEVICE=${DEVICE:-cuda}
 STEP_ARGS=${STEP_ARGS:---repeats 20}
 FIG2B_ARGS=${FIG2B_ARGS:---meta-batch 32 --time-cap 5 --repeats 2}
+STAGES=${STAGES:-device tests step profile compile fig2b train}
 exec > >(tee "$OUT/log.txt") 2>&1
 stage() { echo; echo "== $1 ($SECONDS s)"; }
+on() { [[ " $STAGES " == *" $1 "* ]]; }
 
+if on device; then
 stage "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+fi
 
+if on tests; then
 stage "CUDA tests"
 timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_graph.py 2>&1 | tail -15
+fi
 
+if on step; then
 stage "ms per meta-step"
-(cd benchmarks && timeout 150 $PY gpu_step.py $STEP_ARGS --out "$OUT")
+(cd benchmarks && timeout 200 $PY gpu_step.py $STEP_ARGS --out "$OUT")
+fi
 
-if [ "$COMPILE_S" -gt 0 ]; then
+if on profile; then
+stage "profile of the eager step with the fastest convolutions"
+(cd benchmarks && timeout 90 $PY gpu_profile.py --repeats 10 --conv fastest --out "$OUT" | head -30)
+fi
+
+if on compile && [ "$COMPILE_S" -gt 0 ]; then
   stage "torch.compile of the meta-step (compiled, and compiled inside the CUDA graph)"
   (cd benchmarks && timeout "$COMPILE_S" $PY gpu_step.py $STEP_ARGS --compile --out "$OUT")
 fi
 
+if on fig2b; then
 stage "Figure 2(b) on the GPU"
 (cd benchmarks && timeout 100 $PY fig2b_cost.py --device "$DEVICE" $FIG2B_ARGS --out "$OUT")
+fi
 
+if on train; then
 stage "training omniglot-5w1s for up to ${TRAIN_S} s"
 RUN=/tmp/imaml-gpu-run
 rm -rf "$RUN"
@@ -69,5 +90,6 @@ echo "with λ = 0 at evaluation (the authors' protocol):"
 timeout 60 $PY -m imaml eval "$RUN" --tasks 600 --eval-lam 0 --json --quiet > "$OUT/eval-600-lam0.json"
 cat "$OUT/eval-600-lam0.json"
 tar -czf "$OUT/run.tar.gz" -C "$RUN" --exclude '*.pt' .
+fi
 
 stage "gpu check done"

@@ -8,7 +8,11 @@ meta-step under ``torch.profiler``: the number of kernels, their summed device t
 floor a graph replay cannot go under) and the top kernels, written to
 ``profile_cuda.txt``. On a machine without CUDA only the CPU part of (2) runs.
 
-    python benchmarks/gpu_profile.py [--out docs/benchmarks/gpu]
+``--conv`` picks the convolutions as ``gpu_step.py --convs`` does (``fastest``: the
+fastest iMAML Q = 1 graph row of gpu_step.json in ``--out``); for any but ``native`` the
+files are named with it (``profile_cuda_unfold-tf32.txt``, ``gpu_profile_unfold-tf32.json``).
+
+    python benchmarks/gpu_profile.py [--out docs/benchmarks/gpu] [--conv native]
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import pathlib
 import sys
 
 import torch
-from gpu_step import batch_of
+from gpu_step import CONVS, batch_of, fastest_conv, use_conv
 from torch.profiler import ProfilerActivity, profile
 
 from imaml import make_algorithm
@@ -43,12 +47,16 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", type=int, default=32)
     ap.add_argument("--channels", type=int, default=64)
     ap.add_argument("--out", type=pathlib.Path, default=OUT / "gpu")
+    ap.add_argument("--conv", default="native", choices=("fastest", *CONVS))
     args = ap.parse_args(argv)
+    conv = fastest_conv(args.out / "gpu_step.json") if args.conv == "fastest" else args.conv
+    suffix = "" if conv == "native" else f"_{conv}"
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     g = torch.Generator().manual_seed(0)
     model = OmniglotConvNet(5, channels=args.channels, generator=g).to(device)
     params = dict(model.named_parameters())
+    use_conv(model, conv)
     batch = batch_of(args.tasks, 1, device, g)
     alg = make_algorithm("imaml", model=model, lam=2.0, inner_steps=16, inner_lr=0.1, flat=True)
     rows = []
@@ -85,14 +93,14 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     header = (
         "# One eager iMAML meta-step (vmap, flat parameters), omniglot-5w1s network, "
-        f"meta-batch {args.tasks}, 16 inner steps, 5 MINRES steps\n"
+        f"meta-batch {args.tasks}, 16 inner steps, 5 MINRES steps, convolutions {conv}\n"
         f"# {machine()}\n# {json.dumps(summary)}\n"
     )
-    (args.out / ("profile_cuda.txt" if cuda else "profile_eager_cpu.txt")).write_text(
+    (args.out / (f"profile_cuda{suffix}.txt" if cuda else "profile_eager_cpu.txt")).write_text(
         header + table + "\n"
     )
-    payload = {"machine": machine(), "graph_variants": rows, **summary}
-    (args.out / "gpu_profile.json").write_text(json.dumps(payload, indent=1))
+    payload = {"machine": machine(), "conv": conv, "graph_variants": rows, **summary}
+    (args.out / f"gpu_profile{suffix}.json").write_text(json.dumps(payload, indent=1))
     print(table[:3000])
     return 0
 

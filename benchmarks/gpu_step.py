@@ -1,20 +1,32 @@
-"""Milliseconds per meta-step on the GPU: per-task loop, eager vmap, and the CUDA graph.
+"""Milliseconds per meta-step on the GPU: per-task loop, eager vmap, and the CUDA graph,
+with each way of computing the convolutions.
 
 omniglot-5w1s network (64 channels), meta-batch 32, 16 inner GD steps (lr 0.1), λ = 2,
 5 MINRES steps (iMAML's default), with the preset's 1 query image per class and with
 the peer benchmark's 15. Variants: ``loop`` (per-task Python loop, eager, as the authors
 and TorchOpt run), ``vmap`` (eager, one tensor per parameter), ``vmap-flat`` (eager, the
 parameters as one vector), ``graph`` (vmap-flat captured once as a CUDA graph and
-replayed; ``imaml.cuda_graph``). MAML, FOMAML and Reptile are timed on the graph path
-too. Times are medians over ``--repeats`` calls, each bracketed by synchronisations;
-memory is ``torch.cuda.max_memory_allocated`` for the call. Random images (the timing
-does not depend on their content). On a machine without CUDA it runs on the CPU and
-skips the graph variants (used to test the script).
+replayed; ``imaml.cuda_graph``), ``graph-dict`` (the graph, per-tensor parameters),
+``graph-hvp-fwd`` (the graph, forward-over-reverse HVPs). MAML, FOMAML and Reptile are
+timed on the graph path too.
 
-``--compile`` times only the ``torch.compile`` variants of the iMAML step (1 query image
-per class): ``compiled`` (eager) and ``graph-compiled`` (the compiled step captured as a
-CUDA graph), with the seconds of the first call (compilation, capture) apart, and writes
-gpu_step_compiled.json.
+Convolutions (``--convs``; ``imaml.models.set_conv_impl``): ``native`` (cuDNN; under vmap
+a grouped convolution, one group per task), ``unfold`` (im2col + batched GEMM in full
+float32), ``unfold-tf32`` (the same with TF32 matrix products, as cuDNN's convolutions
+use TF32 by default), ``unfold-first`` (only the first layer unfolded: with one input
+channel, vmap's grouped convolution is a depthwise one). The loop and the eager
+per-tensor vmap run with ``native`` only.
+
+Times are medians over ``--repeats`` calls, each bracketed by synchronisations; memory is
+``torch.cuda.max_memory_allocated`` for the call. Random images (the timing does not
+depend on their content). On a machine without CUDA it runs on the CPU and skips the
+graph variants (used to test the script).
+
+``--compile`` times only the ``torch.compile``d iMAML step (1 query image per class) with
+the convolutions of ``--compile-conv`` (``fastest``: the fastest iMAML Q = 1 graph row of
+gpu_step.json in ``--out``): ``graph-compiled`` (the compiled step captured as a CUDA
+graph, the first call's compilation and capture timed apart) and ``compiled`` (the same
+compiled step, eager), and writes gpu_step_compiled.json.
 
     python benchmarks/gpu_step.py [--repeats 20] [--out docs/benchmarks/gpu] [--compile]
 """
@@ -31,15 +43,39 @@ import torch
 
 from imaml import TaskBatch, make_algorithm
 from imaml.cuda_graph import MetaStep
-from imaml.models import OmniglotConvNet
+from imaml.models import OmniglotConvNet, set_conv_impl
 
 from common import OUT, machine, timeit
+
+CONVS = ("native", "unfold", "unfold-tf32", "unfold-first")
 
 
 def batch_of(tasks: int, queries: int, device, g) -> TaskBatch:
     img = lambda n: torch.rand(tasks, 5 * n, 1, 28, 28, generator=g)
     lab = lambda n: torch.arange(5).repeat_interleave(n).repeat(tasks, 1)
     return TaskBatch(img(1), lab(1), img(queries), lab(queries)).to(device)
+
+
+def use_conv(model: OmniglotConvNet, name: str) -> None:
+    """Set the network's convolutions (and the TF32 matmul flag) for variant ``name``."""
+    if name not in CONVS:
+        raise ValueError(f"unknown conv variant {name!r}; choose from {CONVS}")
+    set_conv_impl(model, "native" if name in ("native", "unfold-first") else "unfold")
+    if name == "unfold-first":
+        model.features[0].impl = "unfold"
+    torch.backends.cuda.matmul.allow_tf32 = name == "unfold-tf32"
+
+
+def fastest_conv(path: pathlib.Path) -> str:
+    """The convolutions of the fastest iMAML Q = 1 graph row in ``path`` (vmap-flat rows
+    where there are no graph rows, as on a CPU)."""
+    rows = [r for r in json.loads(path.read_text())["rows"] if "ms" in r]
+    rows = [r for r in rows if r["algo"] == "imaml" and r["queries"] == 1]
+    for variant in ("graph", "vmap-flat"):
+        candidates = [r for r in rows if r["variant"] == variant]
+        if candidates:
+            return min(candidates, key=lambda r: r["ms"])["conv"]
+    raise SystemExit(f"{path} has no iMAML row to choose a convolution from")
 
 
 def measure(fn, device, repeats: int, warmup: int) -> dict:
@@ -59,12 +95,14 @@ def main(argv=None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--loop-repeats", type=int, default=2)
+    ap.add_argument("--loop-repeats", type=int, default=2, help="0: no per-task loop rows")
     ap.add_argument("--tasks", type=int, default=32)
     ap.add_argument("--channels", type=int, default=64)
     ap.add_argument("--queries", type=int, nargs="+", default=[1, 15])
+    ap.add_argument("--convs", nargs="+", default=list(CONVS), choices=CONVS)
     ap.add_argument("--out", type=pathlib.Path, default=OUT / "gpu")
     ap.add_argument("--compile", action="store_true", help="only the torch.compile variants")
+    ap.add_argument("--compile-conv", default="fastest", choices=("fastest", *CONVS))
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     g = torch.Generator().manual_seed(0)
@@ -72,14 +110,23 @@ def main(argv=None) -> int:
     params = dict(model.named_parameters())
     hp = dict(model=model, lam=2.0, inner_steps=16, inner_lr=0.1)
     rows = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / ("gpu_step_compiled.json" if args.compile else "gpu_step.json")
+    setup = {"tasks": args.tasks, "channels": args.channels, "inner_steps": 16, "cg_steps": 5}
 
-    def run(name, alg, batch, *, graph: bool, repeats: int, queries: int, compile=False) -> None:
+    def save() -> None:  # after every row: a stage stopped by its time limit keeps its rows
+        payload = {"machine": machine(), "device": str(device), "setup": setup, "rows": rows}
+        payload["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+        path.write_text(json.dumps(payload, indent=1))
+
+    def run(name, alg, batch, *, graph: bool, repeats: int, queries: int, conv: str) -> None:
         if graph and device.type != "cuda":
             return
-        step = MetaStep(alg, mode="on" if graph else "off", compile=compile)
+        use_conv(model, conv)
+        step = MetaStep(alg, mode="on" if graph else "off")
         try:
             t0 = time.perf_counter()
-            step(params, batch)  # warm-up: capture, compilation
+            step(params, batch)  # warm-up: capture
             if device.type == "cuda":
                 torch.cuda.synchronize()
             first = time.perf_counter() - t0
@@ -87,34 +134,76 @@ def main(argv=None) -> int:
             row["first_call_s"] = first
         except Exception as e:  # record and go on: one variant must not cost the others
             row = {"error": f"{type(e).__name__}: {e}"}
-        row.update({"variant": name, "algo": alg.name, "queries": queries})
+        row.update({"variant": name, "algo": alg.name, "queries": queries, "conv": conv})
         rows.append(row)
+        save()
         shown = f"{row['ms']:9.1f} ms" if "ms" in row else row["error"][:80]
-        print(f"{alg.name:8s} Q={queries:2d} {name:10s} {shown}", flush=True)
+        print(f"{alg.name:8s} Q={queries:2d} {conv:12s} {name:13s} {shown}", flush=True)
 
     imaml = lambda **kw: make_algorithm("imaml", **hp, **kw)
-    for q in [1] if args.compile else []:
-        batch = batch_of(args.tasks, q, device, g)
-        kw = dict(repeats=args.repeats, queries=q, compile=True)
-        run("compiled", imaml(flat=True), batch, graph=False, **kw)
-        run("graph-compiled", imaml(flat=True), batch, graph=True, **kw)
+    if args.compile:
+        conv = args.compile_conv
+        if conv == "fastest":
+            conv = fastest_conv(args.out / "gpu_step.json")
+        use_conv(model, conv)
+        batch = batch_of(args.tasks, 1, device, g)
+        # one compiled step: the graph captures it, and it is timed eager too (no recompile)
+        step = MetaStep(
+            imaml(flat=True), mode="on" if device.type == "cuda" else "off", compile=True
+        )
+        for name, fn in (("graph-compiled", step), ("compiled", step._step)):
+            try:
+                t0 = time.perf_counter()
+                fn(params, batch)  # the first: compilation (and capture)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                first = time.perf_counter() - t0
+                row = measure(lambda fn=fn: fn(params, batch), device, args.repeats, warmup=1)
+                row["first_call_s"] = first
+            except Exception as e:
+                row = {"error": f"{type(e).__name__}: {e}"}
+            row.update({"variant": name, "algo": "imaml", "queries": 1, "conv": conv})
+            rows.append(row)
+            save()
+            shown = f"{row['ms']:9.1f} ms" if "ms" in row else row["error"][:200]
+            print(
+                f"imaml    Q= 1 {conv:12s} {name:14s} {shown} (first {row.get('first_call_s', 0):.0f} s)",
+                flush=True,
+            )
     for q in [] if args.compile else args.queries:
         batch = batch_of(args.tasks, q, device, g)
-        run("loop", imaml(batched=False), batch, graph=False, repeats=args.loop_repeats, queries=q)
-        run("vmap", imaml(flat=False), batch, graph=False, repeats=args.repeats, queries=q)
-        run("vmap-flat", imaml(flat=True), batch, graph=False, repeats=args.repeats, queries=q)
-        run("graph", imaml(flat=True), batch, graph=True, repeats=args.repeats, queries=q)
-        run("graph-dict", imaml(flat=False), batch, graph=True, repeats=args.repeats, queries=q)
-        if q == 1:
-            for algo in ("maml", "fomaml", "reptile"):
-                alg = make_algorithm(algo, **{**hp, "lam": 0.0})
-                run("graph", alg, batch, graph=True, repeats=args.repeats, queries=q)
-    args.out.mkdir(parents=True, exist_ok=True)
-    setup = {"tasks": args.tasks, "channels": args.channels, "inner_steps": 16, "cg_steps": 5}
-    payload = {"machine": machine(), "device": str(device), "setup": setup, "rows": rows}
-    payload["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
-    path = args.out / ("gpu_step_compiled.json" if args.compile else "gpu_step.json")
-    path.write_text(json.dumps(payload, indent=1))
+        kw = dict(repeats=args.repeats, queries=q)
+        if args.loop_repeats > 0:
+            run(
+                "loop",
+                imaml(batched=False),
+                batch,
+                graph=False,
+                repeats=args.loop_repeats,
+                queries=q,
+                conv="native",
+            )
+        run("vmap", imaml(flat=False), batch, graph=False, conv="native", **kw)
+        for conv in args.convs:
+            if q == 1 or conv == "native":
+                run("vmap-flat", imaml(flat=True), batch, graph=False, conv=conv, **kw)
+            run("graph", imaml(flat=True), batch, graph=True, conv=conv, **kw)
+            if q == 1:
+                run(
+                    "graph-hvp-fwd",
+                    imaml(flat=True, hvp_mode="fwd"),
+                    batch,
+                    graph=True,
+                    conv=conv,
+                    **kw,
+                )
+                for algo in ("maml", "fomaml", "reptile"):
+                    alg = make_algorithm(algo, **{**hp, "lam": 0.0})
+                    run("graph", alg, batch, graph=True, conv=conv, **kw)
+            elif conv == "native":
+                run("graph-dict", imaml(flat=False), batch, graph=True, conv=conv, **kw)
+    use_conv(model, "native")
+    save()
     print(f"wrote {path}")
     return 0
 

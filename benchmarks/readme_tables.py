@@ -217,19 +217,28 @@ def main() -> int:
             continue
         print(f"{r['machine']['cuda']}, torch {r['machine']['torch']}:")
         print()
-        print("| algorithm | query images / class | path | ms / meta-step | peak CUDA memory |")
-        print("|---|---|---|---|---|")
+        print(
+            "| algorithm | query images / class | convolutions | path | ms / meta-step "
+            "| peak CUDA memory |"
+        )
+        print("|---|---|---|---|---|---|")
         for x in r["rows"]:
+            head = f"| {x['algo']} | {x['queries']} | {x.get('conv', 'native')} | {x['variant']} |"
             if "error" in x:
-                print(f"| {x['algo']} | {x['queries']} | {x['variant']} | failed: {x['error']} | |")
+                print(f"{head} failed: {x['error'][:120]} | |")
                 continue
-            print(
-                f"| {x['algo']} | {x['queries']} | {x['variant']} | {x['ms']:.1f} | "
-                f"{x['peak_mib']:.0f} MiB |"
-            )
+            first = f" (first call {x['first_call_s']:.0f} s)" if "compiled" in x["variant"] else ""
+            print(f"{head} {x['ms']:.1f}{first} | {x.get('peak_mib', 0):.0f} MiB |")
         print()
-    r = load("gpu/gpu_profile")
-    if r:
+    for name in (
+        "gpu/gpu_profile",
+        *sorted(f"gpu/{p.stem}" for p in OUT.glob("gpu/gpu_profile_*.json")),
+    ):
+        r = load(name)
+        if not r:
+            continue
+        print(f"Convolutions {r.get('conv', 'native')}:")
+        print()
         print("| CUDA-graph meta-step, cuDNN setting | ms |")
         print("|---|---|")
         for x in r["graph_variants"]:

@@ -5,6 +5,13 @@ forward pass normalises with the statistics of its own batch, i.e. of one task's
 support or query set, in training and in evaluation alike. This is what the authors'
 code and the MAML protocol do, and it is what makes ``vmap`` over tasks exact (no
 buffers are shared between tasks).
+
+The convolutions are ``Conv2d``: ``nn.Conv2d`` with a choice of how the convolution is
+computed (``impl``, set for a whole network by ``set_conv_impl``; same parameters, same
+math): ``"native"`` calls the backend's convolution (cuDNN, oneDNN), which under ``vmap``
+over tasks is a grouped convolution with one group per task; ``"unfold"`` is im2col
+(``F.unfold``) and a batched matrix product, which replaces cuDNN's grouped kernels by
+cuBLAS batched GEMMs (benchmarks/gpu_step.py measures both on a GPU).
 """
 
 from __future__ import annotations
@@ -28,6 +35,59 @@ def _init_paper_(module: nn.Module, generator: torch.Generator | None) -> None:
                     m.bias.uniform_(0.0, 0.05, generator=generator)
 
 
+CONV_IMPLS = ("native", "unfold")
+
+
+def conv2d_unfold(x: Tensor, weight: Tensor, bias: Tensor | None, *, stride, padding) -> Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding)`` as im2col and a matrix product.
+
+    x (N, C, H, W), weight (O, C, kh, kw); no dilation or groups. Differentiable to any
+    order and batched by ``vmap`` like its parts (``F.unfold``, ``torch.matmul``).
+    """
+    n, _, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    (sh, sw), (ph, pw) = stride, padding
+    cols = nn.functional.unfold(x, (kh, kw), padding=(ph, pw), stride=(sh, sw))  # N, C·kh·kw, L
+    out = torch.matmul(weight.reshape(o, -1), cols)  # N, O, L
+    out = out.view(n, o, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1)
+    return out if bias is None else out + bias.view(1, o, 1, 1)
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` computed by ``impl`` (see the module docstring); state dicts unchanged."""
+
+    impl = "native"
+
+    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if self.impl == "native":
+            return super()._conv_forward(x, weight, bias)
+        return conv2d_unfold(x, weight, bias, stride=self.stride, padding=self.padding)
+
+
+# what ``conv="auto"`` (the config's default) picks on each device type: measured, see
+# benchmarks/gpu_step.py (CUDA) and the module docstring
+AUTO_CONV = {"cuda": "native"}
+
+
+def resolve_conv_impl(choice: str, device: torch.device) -> str:
+    """``choice`` (``"auto"`` or one of ``CONV_IMPLS``) for a run on ``device``."""
+    return AUTO_CONV.get(device.type, "native") if choice == "auto" else choice
+
+
+def set_conv_impl(model: nn.Module, impl: str) -> nn.Module:
+    """Compute every ``Conv2d`` of ``model`` with ``impl`` (one of ``CONV_IMPLS``)."""
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
+    convs = [m for m in model.modules() if isinstance(m, Conv2d)]
+    for m in convs if impl == "unfold" else []:
+        plain = m.groups == 1 and m.dilation == (1, 1) and m.padding_mode == "zeros"
+        if not plain or isinstance(m.padding, str):
+            raise ValueError(f"the unfold convolution has no groups or dilation: {m}")
+    for m in convs:
+        m.impl = impl
+    return model
+
+
 class OmniglotConvNet(nn.Module):
     """The paper's Omniglot network.
 
@@ -42,7 +102,7 @@ class OmniglotConvNet(nn.Module):
         c_in = 1
         for block in range(4):
             layers += [
-                nn.Conv2d(c_in, channels, 3, stride=2, padding=1),
+                Conv2d(c_in, channels, 3, stride=2, padding=1),
                 nn.BatchNorm2d(channels, track_running_stats=False),
                 nn.ReLU(),
             ]
@@ -69,7 +129,7 @@ class MiniImagenetConvNet(nn.Module):
         c_in = 3
         for _ in range(4):
             layers += [
-                nn.Conv2d(c_in, channels, 3, padding=1),
+                Conv2d(c_in, channels, 3, padding=1),
                 nn.BatchNorm2d(channels, track_running_stats=False),
                 nn.ReLU(),
                 nn.MaxPool2d(2),
