@@ -3,15 +3,13 @@
 # project from source: the CUDA correctness tests (graph replay = eager, CUDA = CPU in
 # float64), milliseconds per meta-step (per-task loop, eager vmap, CUDA graph;
 # benchmarks/gpu_step.py; with COMPILE_S=N > 0 also the torch.compile variants within N
-# seconds, gpu_step_compiled.json: compiling took 5-6 minutes on 2 CPU cores and 233 s on
-# an H200 in MEASURED.md, so give it ~300 and a shorter training run, e.g.
-# `COMPILE_S=300 bash benchmarks/gpu_check.sh 60`), Figure 2(b) on the GPU, and an
-# omniglot-5w1s training run
-# (the paper's schedule of up to 20,000 meta-steps, stopped by a time budget) with a
-# 600-task test evaluation. 400 s on an H100 with 220 s of training (2026-11-26; the
-# compile stage was added later and has not run on a GPU yet); every
-# stage has its own time limit,
-# so one failing stage does not cost the others. Results go to $OUT (default
+# seconds, gpu_step_compiled.json: compiling took 5-6 minutes on 2 CPU cores, 233 s for
+# MEASURED.md's prototype on an H200, and more than 400 s for this step on an H200
+# (2026-11-27), so give it all the time that is left), Figure 2(b) on the GPU, and an
+# omniglot-5w1s training run (the paper's schedule of up to 20,000 meta-steps, stopped by
+# a time budget) with a 600-task test evaluation. Without the compile stage: 400 s on an
+# H100 with 220 s of training (2026-11-26). Every stage has its own time limit, so one
+# failing stage does not cost the others. Results go to $OUT (default
 # docs/benchmarks/gpu): log.txt, gpu_step.json, fig2b_cost_cuda.{json,png}, eval-600.json,
 # eval-600-lam0.json,
 # run.tar.gz (config, metrics.jsonl, learning curve; no checkpoints).

@@ -212,7 +212,7 @@ def main() -> int:
         r = load(name)
         if r:
             fig2b_table(r)
-    for r in (load("gpu/gpu_step"), load("gpu/gpu_step_compiled")):
+    for r in (load("gpu/gpu_step"), load("gpu/gpu_step_compiled"), load("gpu/gpu_step_h100")):
         if not r:
             continue
         print(f"{r['machine']['cuda']}, torch {r['machine']['torch']}:")
@@ -237,7 +237,7 @@ def main() -> int:
         r = load(name)
         if not r:
             continue
-        print(f"Convolutions {r.get('conv', 'native')}:")
+        print(f"{r['machine']['cuda']}, convolutions {r.get('conv', 'native')}:")
         print()
         print("| CUDA-graph meta-step, cuDNN setting | ms |")
         print("|---|---|")

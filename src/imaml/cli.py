@@ -60,10 +60,6 @@ HELP = {
     "flat": "auto, on or off: on the batched path carry the network's tensors as one flat "
     "vector, so each element-wise step is one kernel instead of one per tensor (same math; "
     "auto: on CUDA, where it is faster; on 2 CPU cores it is slower)",
-    "conv": "auto, native or unfold: compute the convolutions with the backend's kernels "
-    "(native; under vmap a grouped convolution per layer) or as im2col + batched matrix "
-    "products (unfold); same math, speed measured by benchmarks/gpu_step.py (auto: the "
-    "measured faster one for the device)",
     "task_chunk": "vmap over at most N tasks at a time: bounds peak memory at some speed "
     "(default: the whole meta-batch at once)",
     "cuda_graph": "auto, on or off: on CUDA, capture the whole meta-step (inner loop, linear "

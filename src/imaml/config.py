@@ -13,7 +13,6 @@ from .algorithms import ALGORITHMS, hyperparameter_names
 from .autodiff import HVP_MODES
 from .inner import VARIANTS
 from .linalg import SOLVERS
-from .models import CONV_IMPLS
 from .solvers import INNER_SOLVERS
 
 TASKS = ("omniglot", "miniimagenet", "sinusoid")
@@ -33,7 +32,6 @@ RUNTIME_FIELDS = (
     "val_tasks",
     "test_tasks",
     "flat",
-    "conv",
     "task_chunk",
     "cuda_graph",
     "compile",
@@ -96,7 +94,6 @@ class Config:
     threads: int | None = None
     batched: bool = True
     flat: str = "auto"  # auto | on | off: the network's tensors as one vector (auto: CUDA)
-    conv: str = "auto"  # auto | native | unfold: how the convolutions are computed (same math)
     task_chunk: int | None = None  # vmap over this many tasks at a time (bounds memory)
     cuda_graph: str = "auto"  # auto | on | off: replay the meta-step as a CUDA graph
     compile: bool = False  # torch.compile the meta-step (minutes to compile, faster steps)
@@ -234,7 +231,6 @@ def validate(cfg: Config) -> None:
         _int(cfg, "task_chunk", 1)
     _choice(cfg, "cuda_graph", ("auto", "on", "off"))
     _choice(cfg, "flat", ("auto", "on", "off"))
-    _choice(cfg, "conv", ("auto", *CONV_IMPLS))
     _choice(cfg, "cpu_malloc", ("keep", "system"))
     for name in ("cuda_graph", "compile"):
         if getattr(cfg, name) in ("on", True) and not cfg.batched:

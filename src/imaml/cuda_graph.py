@@ -20,7 +20,8 @@ loops. The first call compiles (measured 5–8 minutes for omniglot-5w1s on 2 CP
 ~15 s from a warm inductor cache; then 1.35–1.9× faster per step:
 benchmarks/cpu_variants.py); a new batch shape compiles
 again. It is exact in float64 (tests/test_compile.py). On CUDA it combines with the
-graph capture (the compiled step is what gets captured), which has not been measured.
+graph capture (the compiled step is what gets captured); on an H200 (16 CPU cores) the
+compilation did not finish within 400 s, so that combination has no measurement yet.
 """
 
 from __future__ import annotations
@@ -32,6 +33,16 @@ from .algorithms.base import MetaAlgorithm, TaskBatch
 from .params import Params
 
 MODES = ("auto", "on", "off")
+_WARMUP_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _warmup_stream() -> torch.cuda.Stream:
+    """One side stream per device for every capture's warm-up: cuBLAS keeps a workspace per
+    stream, so a new stream per capture would leave one more workspace allocated each time."""
+    device = torch.cuda.current_device()
+    if device not in _WARMUP_STREAMS:
+        _WARMUP_STREAMS[device] = torch.cuda.Stream()
+    return _WARMUP_STREAMS[device]
 
 
 def _signature(params: Params, batch: TaskBatch) -> tuple:
@@ -45,7 +56,7 @@ class _Captured:
     def __init__(self, step, params: Params, batch: TaskBatch, warmup: int):
         self.params = {k: v.detach().clone() for k, v in params.items()}
         self.batch = TaskBatch(*(x.clone() for x in batch))
-        side = torch.cuda.Stream()
+        side = _warmup_stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # cuDNN/cuBLAS set-up and autotuning stay out of the graph
             for _ in range(warmup):

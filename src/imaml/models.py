@@ -11,7 +11,11 @@ computed (``impl``, set for a whole network by ``set_conv_impl``; same parameter
 math): ``"native"`` calls the backend's convolution (cuDNN, oneDNN), which under ``vmap``
 over tasks is a grouped convolution with one group per task; ``"unfold"`` is im2col
 (``F.unfold``) and a batched matrix product, which replaces cuDNN's grouped kernels by
-cuBLAS batched GEMMs (benchmarks/gpu_step.py measures both on a GPU).
+cuBLAS batched GEMMs. The networks are built ``native``: on an H200 the unfolded
+meta-step was 2.6× slower (``F.unfold``'s CUDA kernel is launched once per image,
+thousands of launches per meta-step; benchmarks/gpu_step.py, README), and on 2 CPU cores
+im2col + matrix products were 2–3× slower than oneDNN's grouped convolution. ``unfold``
+is kept so that the benchmark can be rerun on other hardware.
 """
 
 from __future__ import annotations
@@ -62,16 +66,6 @@ class Conv2d(nn.Conv2d):
         if self.impl == "native":
             return super()._conv_forward(x, weight, bias)
         return conv2d_unfold(x, weight, bias, stride=self.stride, padding=self.padding)
-
-
-# what ``conv="auto"`` (the config's default) picks on each device type: measured, see
-# benchmarks/gpu_step.py (CUDA) and the module docstring
-AUTO_CONV = {"cuda": "native"}
-
-
-def resolve_conv_impl(choice: str, device: torch.device) -> str:
-    """``choice`` (``"auto"`` or one of ``CONV_IMPLS``) for a run on ``device``."""
-    return AUTO_CONV.get(device.type, "native") if choice == "auto" else choice
 
 
 def set_conv_impl(model: nn.Module, impl: str) -> nn.Module:

@@ -31,7 +31,6 @@ from .data import make_task_families
 from .data.omniglot import _writable
 from .evaluate import evaluate
 from .malloc import keep_freed_memory
-from .models import resolve_conv_impl, set_conv_impl
 
 # Fixed offsets separate the random streams derived from one seed.
 TASK_STREAM, VAL_STREAM, TEST_STREAM = 1_000_003, 2_000_003, 3_000_017
@@ -282,7 +281,6 @@ def _train(
     families, split_info = make_task_families(cfg, progress=progress)
     model_gen = torch.Generator().manual_seed(cfg.seed)
     model = families["train"].make_model(model_gen).to(device=device, dtype=dtype)
-    set_conv_impl(model, resolve_conv_impl(cfg.conv, device))
     alg = make_algorithm(
         cfg.algo, model=model, loss=families["train"].loss, **cfg.algorithm_kwargs()
     )
@@ -523,7 +521,6 @@ def evaluate_run(
     if families.get(split) is None:
         raise ValueError(f"this run has no {split!r} split")
     model = families["train"].make_model().to(device=device, dtype=dtype)
-    set_conv_impl(model, resolve_conv_impl(cfg.conv, device))
     params = {k: v.to(device=device, dtype=dtype) for k, v in ckpt["params"].items()}
     alg = make_algorithm(
         cfg.algo, model=model, loss=families["train"].loss, **cfg.algorithm_kwargs()
