@@ -17,9 +17,12 @@
 #   IMAML_DATA_DIR=/path/holding/omniglot bash benchmarks/gpu_check.sh [TRAIN_SECONDS]
 #
 # STAGES picks stages (default all: "device tests step profile compile fig2b train"; compile runs
-# only with COMPILE_S > 0), e.g. the speed check alone, within ~8 minutes:
-#   STAGES="device tests step profile compile" COMPILE_S=330 STEP_ARGS="--repeats 10 --loop-repeats 0" \
+# only with COMPILE_S > 0), e.g. the speed check alone (150 s on an H200, 2026-11-27):
+#   STAGES="device tests step profile" STEP_ARGS="--repeats 10 --loop-repeats 0" \
 #   bash benchmarks/gpu_check.sh
+# or the compiled step alone, with all the time a 15-minute loan leaves (the compile took
+# more than 400 s on an H200 on 2026-11-27):
+#   STAGES="device compile" COMPILE_S=560 STEP_ARGS="--repeats 20" bash benchmarks/gpu_check.sh
 #
 # To try the script without a GPU (small sizes, CPU; CUDA tests skip):
 #   DEVICE=cpu STEP_ARGS="--repeats 1 --tasks 4 --channels 8" FIG2B_ARGS="--meta-batch 1 \

@@ -68,7 +68,10 @@ def use_conv(model: OmniglotConvNet, name: str) -> None:
 
 def fastest_conv(path: pathlib.Path) -> str:
     """The convolutions of the fastest iMAML Q = 1 graph row in ``path`` (vmap-flat rows
-    where there are no graph rows, as on a CPU)."""
+    where there are no graph rows, as on a CPU); ``native`` where there is no such file."""
+    if not path.exists():
+        print(f"no {path}: native convolutions")
+        return "native"
     rows = [r for r in json.loads(path.read_text())["rows"] if "ms" in r]
     rows = [r for r in rows if r["algo"] == "imaml" and r["queries"] == 1]
     for variant in ("graph", "vmap-flat"):
