@@ -122,26 +122,31 @@ def main(argv=None) -> int:
         payload["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
         path.write_text(json.dumps(payload, indent=1))
 
+    def record(name, fn, *, algo: str, queries: int, conv: str, repeats: int, warmup=0):
+        """Time ``fn`` (its first call, capture or compilation, apart) as one row."""
+        try:
+            t0 = time.perf_counter()
+            fn()  # the first call: capture, compilation
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            first = time.perf_counter() - t0
+            row = measure(fn, device, repeats, warmup=warmup)
+            row["first_call_s"] = first
+        except Exception as e:  # record and go on: one variant must not cost the others
+            row = {"error": f"{type(e).__name__}: {e}"}
+        row.update({"variant": name, "algo": algo, "queries": queries, "conv": conv})
+        rows.append(row)
+        save()
+        shown = f"{row['ms']:9.1f} ms" if "ms" in row else row["error"][:200]
+        print(f"{algo:8s} Q={queries:2d} {conv:12s} {name:14s} {shown}", flush=True)
+
     def run(name, alg, batch, *, graph: bool, repeats: int, queries: int, conv: str) -> None:
         if graph and device.type != "cuda":
             return
         use_conv(model, conv)
         step = MetaStep(alg, mode="on" if graph else "off")
-        try:
-            t0 = time.perf_counter()
-            step(params, batch)  # warm-up: capture
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            first = time.perf_counter() - t0
-            row = measure(lambda: step(params, batch), device, repeats, warmup=0)
-            row["first_call_s"] = first
-        except Exception as e:  # record and go on: one variant must not cost the others
-            row = {"error": f"{type(e).__name__}: {e}"}
-        row.update({"variant": name, "algo": alg.name, "queries": queries, "conv": conv})
-        rows.append(row)
-        save()
-        shown = f"{row['ms']:9.1f} ms" if "ms" in row else row["error"][:80]
-        print(f"{alg.name:8s} Q={queries:2d} {conv:12s} {name:13s} {shown}", flush=True)
+        fn = lambda: step(params, batch)
+        record(name, fn, algo=alg.name, queries=queries, conv=conv, repeats=repeats)
 
     imaml = lambda **kw: make_algorithm("imaml", **hp, **kw)
     if args.compile:
@@ -155,23 +160,14 @@ def main(argv=None) -> int:
             imaml(flat=True), mode="on" if device.type == "cuda" else "off", compile=True
         )
         for name, fn in (("graph-compiled", step), ("compiled", step._step)):
-            try:
-                t0 = time.perf_counter()
-                fn(params, batch)  # the first: compilation (and capture)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                first = time.perf_counter() - t0
-                row = measure(lambda fn=fn: fn(params, batch), device, args.repeats, warmup=1)
-                row["first_call_s"] = first
-            except Exception as e:
-                row = {"error": f"{type(e).__name__}: {e}"}
-            row.update({"variant": name, "algo": "imaml", "queries": 1, "conv": conv})
-            rows.append(row)
-            save()
-            shown = f"{row['ms']:9.1f} ms" if "ms" in row else row["error"][:200]
-            print(
-                f"imaml    Q= 1 {conv:12s} {name:14s} {shown} (first {row.get('first_call_s', 0):.0f} s)",
-                flush=True,
+            record(
+                name,
+                lambda fn=fn: fn(params, batch),
+                algo="imaml",
+                queries=1,
+                conv=conv,
+                repeats=args.repeats,
+                warmup=1,
             )
     for q in [] if args.compile else args.queries:
         batch = batch_of(args.tasks, q, device, g)
