@@ -10,6 +10,9 @@ fresh process:
 - ``compiled-cold``: ``torch.compile`` (inductor, static shapes) with an empty inductor
   cache: seconds for the first call (compilation), then seconds per meta-step.
 - ``compiled-warm``: the same in a new process that finds the cache the cold run left.
+- ``pieces-cold`` / ``pieces-warm``: ``--compile pieces`` (one inner step, the query
+  gradient and one Hessian-vector product compiled once each, the loops outside vmap;
+  ``IMAML.meta_grad_piecewise``), cold and warm as above.
 - ``bf16``: network and images in bfloat16 (this CPU has AVX512-BF16).
 - ``autocast-bf16``: ``torch.autocast("cpu", torch.bfloat16)`` around the float32 step.
 
@@ -34,7 +37,15 @@ import torch
 from common import OUT, peak_rss_mib, run_fresh, timeit, write
 from peers import CG, LAM, LR, STEPS, data, peer_algorithm
 
-VARIANTS = ("eager", "compiled-cold", "compiled-warm", "bf16", "autocast-bf16")
+VARIANTS = (
+    "eager",
+    "compiled-cold",
+    "compiled-warm",
+    "pieces-cold",
+    "pieces-warm",
+    "bf16",
+    "autocast-bf16",
+)
 
 
 def run_one(variant: str, args) -> dict:
@@ -48,7 +59,7 @@ def run_one(variant: str, args) -> dict:
     model = OmniglotConvNet(5, generator=g)
     batch = data(args.tasks, args.queries, g)
 
-    def step_for(dtype, compile=False):
+    def step_for(dtype, compile="off"):
         m = copy.deepcopy(model).to(dtype)
         alg = peer_algorithm(m, solver=args.solver)
         params = {k: v.detach() for k, v in m.named_parameters()}
@@ -67,7 +78,8 @@ def run_one(variant: str, args) -> dict:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 return plain()
     else:
-        fn = step_for(torch.float32, compile=variant.startswith("compiled"))
+        mode = {"compiled": "step", "pieces": "pieces"}.get(variant.split("-")[0], "off")
+        fn = step_for(torch.float32, compile=mode)
     try:
         t0 = time.perf_counter()
         out = fn()
@@ -92,7 +104,7 @@ def plot(rows: list[dict], solver: str, path) -> None:
     ax.barh([r["variant"] for r in ok], [r["median_s"] for r in ok], color="tab:blue")
     for i, r in enumerate(ok):
         note = f" {r['median_s']:.2f} s"
-        if r["variant"].startswith("compiled"):
+        if r["variant"].split("-")[0] in ("compiled", "pieces"):
             note += f" (first call {r['first_call_s']:.0f} s)"
         ax.text(r["median_s"], i, note, va="center", fontsize=8)
     ax.invert_yaxis()
@@ -124,8 +136,10 @@ def main(argv=None) -> int:
         return 0
     rows = []
     with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}  # cold, then warm
         for variant in VARIANTS:
+            # cold, then warm; the whole step and the pieces each start from an empty cache
+            family = os.path.join(cache, variant.split("-")[0])
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": family}
             cmd = [sys.executable, __file__, "--variant", variant]
             cmd += ["--repeats", str(args.repeats), "--tasks", str(args.tasks)]
             cmd += ["--queries", str(args.queries), "--solver", args.solver]

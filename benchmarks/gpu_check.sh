@@ -2,10 +2,10 @@
 # The GPU check, for a machine with CUDA and its own PyTorch, and no network. Runs the
 # project from source: the CUDA correctness tests (graph replay = eager, CUDA = CPU in
 # float64), milliseconds per meta-step (per-task loop, eager vmap, CUDA graph;
-# benchmarks/gpu_step.py; with COMPILE_S=N > 0 also the torch.compile variants within N
-# seconds, gpu_step_compiled.json: compiling took 5-6 minutes on 2 CPU cores, 233 s for
-# MEASURED.md's prototype on an H200, and more than 400 s for this step on an H200
-# (2026-11-27), so give it all the time that is left), Figure 2(b) on the GPU, and an
+# benchmarks/gpu_step.py; with COMPILE_S=N > 0 also the torch.compile variants of
+# COMPILE_MODES (default "pieces"; "pieces step" adds the whole-step compile, which took
+# more than 400 s on an H200 on 2026-11-27) within N seconds, gpu_step_compiled.json),
+# Figure 2(b) on the GPU, and an
 # omniglot-5w1s training run (the paper's schedule of up to 20,000 meta-steps, stopped by
 # a time budget) with a 600-task test evaluation. Without the compile stage: 400 s on an
 # H100 with 220 s of training (2026-11-26). Every stage has its own time limit, so one
@@ -20,9 +20,10 @@
 # only with COMPILE_S > 0), e.g. the speed check alone (150 s on an H200, 2026-11-27):
 #   STAGES="device tests step profile" STEP_ARGS="--repeats 10 --loop-repeats 0" \
 #   bash benchmarks/gpu_check.sh
-# or the compiled step alone, with all the time a 15-minute loan leaves (the compile took
-# more than 400 s on an H200 on 2026-11-27):
-#   STAGES="device compile" COMPILE_S=560 STEP_ARGS="--repeats 20" bash benchmarks/gpu_check.sh
+# or the compiled pieces and a training run that uses them (TRAIN_ARGS go to imaml train;
+# 354 s on an H200 on 2026-11-27: tests 54 s, compile stage 93 s, training 150 s):
+#   STAGES="device tests compile train" COMPILE_S=300 TRAIN_ARGS="--compile pieces" \
+#   bash benchmarks/gpu_check.sh 150
 #
 # To try the script without a GPU (small sizes, CPU; CUDA tests skip):
 #   DEVICE=cpu STEP_ARGS="--repeats 1 --tasks 4 --channels 8" FIG2B_ARGS="--meta-batch 1 \
@@ -36,6 +37,8 @@ OUT=$(cd "$OUT" && pwd)
 PY=$(command -v "${PYTHON:-python3}")
 TRAIN_S=${1:-240}
 COMPILE_S=${COMPILE_S:-0}
+COMPILE_MODES=${COMPILE_MODES:-pieces}
+TRAIN_ARGS=${TRAIN_ARGS:-}
 DEVICE=${DEVICE:-cuda}
 STEP_ARGS=${STEP_ARGS:---repeats 20}
 FIG2B_ARGS=${FIG2B_ARGS:---meta-batch 32 --time-cap 5 --repeats 2}
@@ -67,7 +70,7 @@ fi
 
 if on compile && [ "$COMPILE_S" -gt 0 ]; then
   stage "torch.compile of the meta-step (compiled, and compiled inside the CUDA graph)"
-  (cd benchmarks && timeout "$COMPILE_S" $PY gpu_step.py $STEP_ARGS --compile --out "$OUT")
+  (cd benchmarks && timeout "$COMPILE_S" $PY gpu_step.py $STEP_ARGS --compile $COMPILE_MODES --out "$OUT")
 fi
 
 if on fig2b; then
@@ -76,12 +79,13 @@ stage "Figure 2(b) on the GPU"
 fi
 
 if on train; then
-stage "training omniglot-5w1s for up to ${TRAIN_S} s"
+stage "training omniglot-5w1s for up to ${TRAIN_S} s ${TRAIN_ARGS}"
 RUN=/tmp/imaml-gpu-run
 rm -rf "$RUN"
 budget=$(python3 -c "print($TRAIN_S / 60)")
 timeout $((TRAIN_S + 90)) $PY -m imaml train --preset omniglot-5w1s --device "$DEVICE" \
-  --time-budget "$budget" --val-every 1000 --val-tasks 200 --out "$RUN" --quiet --no-test
+  --time-budget "$budget" --val-every 1000 --val-tasks 200 --out "$RUN" --quiet --no-test \
+  $TRAIN_ARGS
 tail -n 3 "$RUN/metrics.jsonl" | cut -c1-400
 
 stage "test evaluation (600 tasks)"

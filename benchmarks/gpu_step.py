@@ -22,13 +22,20 @@ Times are medians over ``--repeats`` calls, each bracketed by synchronisations; 
 depend on their content). On a machine without CUDA it runs on the CPU and skips the
 graph variants (used to test the script).
 
-``--compile`` times only the ``torch.compile``d iMAML step (1 query image per class) with
-the convolutions of ``--compile-conv`` (``fastest``: the fastest iMAML Q = 1 graph row of
-gpu_step.json in ``--out``): ``graph-compiled`` (the compiled step captured as a CUDA
-graph, the first call's compilation and capture timed apart) and ``compiled`` (the same
-compiled step, eager), and writes gpu_step_compiled.json.
+``--compile MODE...`` times only the ``torch.compile``d iMAML step with the convolutions of ``--compile-conv`` (``fastest``: the fastest iMAML Q = 1
+graph row of gpu_step.json in ``--out``), for each of ``--compile-queries`` (default 1),
+each MODE in order (``pieces``: one inner step, the query gradient and one
+Hessian-vector product compiled once each and reused by the loops; ``step``: the whole
+step as one program; ``imaml.cuda_graph``) and each HVP mode of ``--compile-hvp``
+(``rev``; ``fwd`` adds ``-hvp-fwd`` to the name): ``graph-compiled-MODE`` (the compiled step captured as a CUDA graph, the first call's
+compilation and capture timed apart) and ``compiled-MODE`` (the same compiled step,
+eager). Two uncompiled rows come first, for comparison on the same machine: ``graph``
+(the eager vmap step) and ``graph-pieces`` (the piecewise step uncompiled: its cost of
+recomputing the gradient at every Hessian-vector product). Each row records
+``rel_to_graph``, its meta-gradient's relative distance from the ``graph`` row's.
+Writes gpu_step_compiled.json.
 
-    python benchmarks/gpu_step.py [--repeats 20] [--out docs/benchmarks/gpu] [--compile]
+    python benchmarks/gpu_step.py [--repeats 20] [--out docs/benchmarks/gpu] [--compile pieces]
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ import torch
 from imaml import TaskBatch, make_algorithm
 from imaml.cuda_graph import MetaStep
 from imaml.models import OmniglotConvNet, set_conv_impl
+from imaml.params import norm, sub
 
 from common import OUT, machine, timeit
 
@@ -104,8 +112,15 @@ def main(argv=None) -> int:
     ap.add_argument("--queries", type=int, nargs="+", default=[1, 15])
     ap.add_argument("--convs", nargs="+", default=list(CONVS), choices=CONVS)
     ap.add_argument("--out", type=pathlib.Path, default=OUT / "gpu")
-    ap.add_argument("--compile", action="store_true", help="only the torch.compile variants")
+    ap.add_argument(
+        "--compile",
+        nargs="+",
+        choices=("pieces", "step"),
+        help="only the torch.compile variants, in this order",
+    )
     ap.add_argument("--compile-conv", default="fastest", choices=("fastest", *CONVS))
+    ap.add_argument("--compile-hvp", nargs="+", default=["rev"], choices=("rev", "fwd"))
+    ap.add_argument("--compile-queries", type=int, nargs="+", default=[1])
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     g = torch.Generator().manual_seed(0)
@@ -122,23 +137,26 @@ def main(argv=None) -> int:
         payload["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
         path.write_text(json.dumps(payload, indent=1))
 
-    def record(name, fn, *, algo: str, queries: int, conv: str, repeats: int, warmup=0):
-        """Time ``fn`` (its first call, capture or compilation, apart) as one row."""
+    def record(name, fn, *, algo: str, queries: int, conv: str, repeats: int, warmup=0, ref=None):
+        """Time ``fn`` (its first call, capture or compilation, apart) as one row; with
+        ``ref`` (a meta-gradient) also the relative distance of ``fn``'s from it."""
         try:
             t0 = time.perf_counter()
-            fn()  # the first call: capture, compilation
+            out = fn()  # the first call: capture, compilation
             if device.type == "cuda":
                 torch.cuda.synchronize()
             first = time.perf_counter() - t0
             row = measure(fn, device, repeats, warmup=warmup)
             row["first_call_s"] = first
+            if ref is not None:
+                row["rel_to_graph"] = float(norm(sub(out[0], ref)) / norm(ref))
         except Exception as e:  # record and go on: one variant must not cost the others
             row = {"error": f"{type(e).__name__}: {e}"}
         row.update({"variant": name, "algo": algo, "queries": queries, "conv": conv})
         rows.append(row)
         save()
         shown = f"{row['ms']:9.1f} ms" if "ms" in row else row["error"][:200]
-        print(f"{algo:8s} Q={queries:2d} {conv:12s} {name:14s} {shown}", flush=True)
+        print(f"{algo:8s} Q={queries:2d} {conv:12s} {name:20s} {shown}", flush=True)
 
     def run(name, alg, batch, *, graph: bool, repeats: int, queries: int, conv: str) -> None:
         if graph and device.type != "cuda":
@@ -154,21 +172,34 @@ def main(argv=None) -> int:
         if conv == "fastest":
             conv = fastest_conv(args.out / "gpu_step.json")
         use_conv(model, conv)
-        batch = batch_of(args.tasks, 1, device, g)
-        # one compiled step: the graph captures it, and it is timed eager too (no recompile)
-        step = MetaStep(
-            imaml(flat=True), mode="on" if device.type == "cuda" else "off", compile=True
-        )
-        for name, fn in (("graph-compiled", step), ("compiled", step._step)):
-            record(
-                name,
-                lambda fn=fn: fn(params, batch),
-                algo="imaml",
-                queries=1,
-                conv=conv,
-                repeats=args.repeats,
-                warmup=1,
-            )
+        graph = "on" if device.type == "cuda" else "off"
+
+        def compile_rows(q: int) -> None:
+            batch = batch_of(args.tasks, q, device, g)
+            eager = MetaStep(imaml(flat=True), mode=graph)
+            ref = eager(params, batch)[0]
+            kw = dict(algo="imaml", queries=q, conv=conv, repeats=args.repeats, ref=ref)
+            record("graph", lambda: eager(params, batch), **kw)
+            if q == args.compile_queries[0]:
+                plain = imaml(flat=True)
+                uncompiled = MetaStep(plain, mode=graph)  # the piecewise step, nothing compiled
+                pieces = plain.pieces()
+                uncompiled.step = lambda p, b: plain.meta_grad_piecewise(p, b, pieces)
+                record("graph-pieces", lambda: uncompiled(params, batch), **kw)
+            for mode in args.compile:
+                for hvp in args.compile_hvp:
+                    # one compiled step: the graph captures it, and it is timed eager too
+                    alg = imaml(flat=True, hvp_mode=hvp)
+                    step = MetaStep(alg, mode=graph, compile=mode)
+                    name = mode + ("-hvp-fwd" if hvp == "fwd" else "")
+                    for variant, fn in (
+                        (f"graph-compiled-{name}", step),
+                        (f"compiled-{name}", step._step),
+                    ):
+                        record(variant, lambda fn=fn: fn(params, batch), **kw, warmup=1)
+
+        for q in args.compile_queries:
+            compile_rows(q)
     for q in [] if args.compile else args.queries:
         batch = batch_of(args.tasks, q, device, g)
         kw = dict(repeats=args.repeats, queries=q)

@@ -10,8 +10,10 @@ query images per class (as in MEASURED.md's peer table). Every implementation ru
 fresh process (so peak RSS is its own): one warm-up meta-step, then the median of
 ``--repeats``. Ours is run with CG (TorchOpt's solver) and with MINRES (our default),
 with CG vmapped over 8 tasks at a time (``task_chunk=8``, bounding memory), and with CG
-and MINRES through ``torch.compile`` (its first call, the compilation, is reported apart
-as ``first_call_s``; every run starts from an empty inductor cache).
+and MINRES through ``torch.compile``: ``compiled`` compiles the whole step, ``pieces``
+compiles one inner step, the query gradient and one Hessian-vector product and loops over
+them (``IMAML.meta_grad_piecewise``). The first call, the compilation, is reported apart
+as ``first_call_s``; every run starts from an empty inductor cache.
 
 Every implementation runs under glibc's default allocator (``system``, as TorchOpt's users
 run it) and with freed memory kept for reuse (``keep``, ``imaml.keep_freed_memory``, what
@@ -49,6 +51,8 @@ IMPLS = (
     "ours-chunk8-cg",
     "ours-compiled-cg",
     "ours-compiled-minres",
+    "ours-pieces-cg",
+    "ours-pieces-minres",
     "ours-loop-cg",
     "torchopt-cg",
     "torchopt-example",
@@ -215,7 +219,7 @@ def run_one(impl: str, args) -> dict:
             task_chunk=8 if path == "chunk8" else None,  # vmap over 8 tasks at a time
         )
         params = dict(model.named_parameters())
-        step = MetaStep(alg, compile=path == "compiled")
+        step = MetaStep(alg, compile={"compiled": "step", "pieces": "pieces"}.get(path, "off"))
         fn = lambda: step(params, batch)
     else:
         meta = tuple(model.parameters())

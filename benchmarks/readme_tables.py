@@ -217,18 +217,20 @@ def main() -> int:
             continue
         print(f"{r['machine']['cuda']}, torch {r['machine']['torch']}:")
         print()
+        rel = any("rel_to_graph" in x for x in r["rows"])  # the compiled rows' accuracy
         print(
             "| algorithm | query images / class | convolutions | path | ms / meta-step "
-            "| peak CUDA memory |"
+            "| peak CUDA memory |" + (" meta-gradient vs graph |" if rel else "")
         )
-        print("|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|" + ("---|" if rel else ""))
         for x in r["rows"]:
             head = f"| {x['algo']} | {x['queries']} | {x.get('conv', 'native')} | {x['variant']} |"
             if "error" in x:
-                print(f"{head} failed: {x['error'][:120]} | |")
+                print(f"{head} failed: {x['error'][:120]} | |" + (" |" if rel else ""))
                 continue
             first = f" (first call {x['first_call_s']:.0f} s)" if "compiled" in x["variant"] else ""
-            print(f"{head} {x['ms']:.1f}{first} | {x.get('peak_mib', 0):.0f} MiB |")
+            tail = f" {x['rel_to_graph']:.1e} |" if rel else ""
+            print(f"{head} {x['ms']:.1f}{first} | {x.get('peak_mib', 0):.0f} MiB |{tail}")
         print()
     for name in (
         "gpu/gpu_profile",

@@ -17,5 +17,6 @@ $PY roofline.py            # reads peers.json
 $PY conv_layouts.py
 $PY cpu_variants.py
 $PY cpu_variants.py --solver minres
+$PY float32_sensitivity.py
 $PY fig2b_cost.py
 $PY fig2a_accuracy.py

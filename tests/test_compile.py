@@ -89,13 +89,14 @@ def test_training_with_compile_matches_eager(tmp_path):
         meta_steps=3, meta_batch=4, val_tasks=0, test_tasks=10, inner_steps=2
     )
     params = {}
-    for compiled in (True, False):
-        out = tmp_path / str(compiled)
-        meta_train(cfg.replace(compile=compiled), out, progress=False, final_test=False)
+    for mode in ("step", "pieces", "off"):
+        out = tmp_path / mode
+        meta_train(cfg.replace(compile=mode), out, progress=False, final_test=False)
         ckpt = load_checkpoint(out / "last.pt")
-        params[compiled] = ckpt["params"]
-        assert ckpt["config"]["compile"] is compiled
-    assert rel(params[True], params[False]) < 1e-5
+        params[mode] = ckpt["params"]
+        assert ckpt["config"]["compile"] == mode
+    assert rel(params["step"], params["off"]) < 1e-5
+    assert rel(params["pieces"], params["off"]) < 1e-5
 
 
 def test_cli_without_a_working_compiler_is_one_line_and_exit_2(tmp_path):

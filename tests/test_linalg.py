@@ -133,3 +133,52 @@ def test_bad_arguments_raise(kwargs):
 def test_unknown_method_raises():
     with pytest.raises(ValueError, match="unknown solver"):
         solve(lambda v: v, torch.ones(3), method="gmres", steps=3)
+
+
+@pytest.mark.parametrize("method", ["cg", "minres", "neumann"])
+@pytest.mark.parametrize("tol", [0.0, 1e-3])
+def test_rows_of_a_2d_b_are_solved_as_separate_systems(method, tol):
+    """b of shape (T, n) outside vmap: each row is its own system (own step sizes, own
+    stopping), as the piecewise meta-step solves them; equal to one solve per row."""
+    systems = [spd(10, 20, s) for s in range(3)] + [indefinite(10, 7)]
+    As = torch.stack([a for a, _ in systems])
+    bs = torch.stack([b for _, b in systems])
+    bs[1] = 0.0  # a zero right-hand side is done before the first step
+    mv = lambda V: torch.einsum("tij,tj->ti", As, V)
+    x, info = solve(mv, bs, method=method, steps=6, tol=tol)
+    assert x.shape == bs.shape and info["residual"].shape == (4,)
+    iterations = []
+    for i in range(4):
+        xi, ii = solve(lambda v, A=As[i]: A @ v, bs[i], method=method, steps=6, tol=tol)
+        assert torch.allclose(x[i], xi, rtol=1e-10, atol=1e-12)
+        for k, v in ii.items():
+            assert torch.allclose(info[k][i].double(), v.double(), rtol=1e-10, atol=1e-12), k
+        iterations.append(int(ii["iterations"]))
+    assert iterations[1] == 0 and len(set(iterations)) > 1  # the rows did stop apart
+    if method == "cg":  # the indefinite row met negative curvature, the others did not
+        assert info["negative_curvature"].tolist() == [False, False, False, True]
+
+
+def test_exact_solves_one_system_only():
+    A, b = spd(4, 2, 0)
+    with pytest.raises(ValueError, match="one system"):
+        solve(lambda V: V @ A, torch.stack([b, b]), method="exact", steps=0)
+    with pytest.raises(ValueError, match="1-D tensor .* 2-D tensor"):
+        solve(lambda v: v, torch.ones(2, 2, 2), method="cg", steps=2)
+
+
+def test_minres_flags_indefiniteness_that_no_rayleigh_quotient_shows():
+    """A = diag(-0.5, 3) with b = (1, 1): the Lanczos vectors' Rayleigh quotients are 1.25
+    and 1.25 (both > 0), but T_2 (similar to A) is indefinite: its second LDLᵀ pivot is
+    negative. MINRES flags it within n steps; an SPD matrix is never flagged."""
+    A = torch.diag(torch.tensor([-0.5, 3.0], dtype=torch.float64))
+    b = torch.ones(2, dtype=torch.float64)
+    _, info = minres(lambda v: A @ v, b, steps=1)
+    assert not info["negative_curvature"]  # one step sees only vᵀAv = 1.25
+    x, info = minres(lambda v: A @ v, b, steps=2)
+    assert info["negative_curvature"] and rel(x, torch.linalg.solve(A, b)) < 1e-12
+    for seed in range(5):
+        S, c = spd(12, 100, seed)
+        assert not minres(lambda v, S=S: S @ v, c, steps=12)[1]["negative_curvature"]
+        M, c = indefinite(12, seed)
+        assert minres(lambda v, M=M: M @ v, c, steps=12)[1]["negative_curvature"]

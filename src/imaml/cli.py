@@ -65,10 +65,12 @@ HELP = {
     "cuda_graph": "auto, on or off: on CUDA, capture the whole meta-step (inner loop, linear "
     "solve, query gradient) once as a CUDA graph and replay it (auto: when on CUDA and batched; "
     "falls back to eager if capture fails)",
-    "compile": "torch.compile the meta-step (inductor; needs a C++ compiler on CPU): the first "
-    "step compiles for minutes (5-8 on 2 CPU cores for omniglot-5w1s; seconds when inductor's "
-    "cache holds it), later steps run 1.35-1.9x faster there; pays off for long runs "
-    "(benchmarks/cpu_variants.py)",
+    "compile": "torch.compile the meta-step (inductor; needs a C++ compiler on CPU): off "
+    "(default), step (a bare --compile: the whole step as one program; compiles for 5-8 "
+    "minutes on 2 CPU cores for omniglot-5w1s, then 1.35-1.9x faster steps there) or pieces "
+    "(iMAML with gd: one inner step, the query gradient and one Hessian-vector product, each "
+    "compiled once and reused by the loops; compiles in about 80 s there); see "
+    "benchmarks/cpu_variants.py",
     "cpu_malloc": "keep (default) or system: on the CPU, let glibc's malloc keep freed memory "
     "for reuse, so the meta-step's large tensors are not page-faulted in afresh every step "
     "(same numbers; resident memory stays at its peak; benchmarks/peers.py); system: "
@@ -95,6 +97,10 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
         if typ == "bool":
             g.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=None, help=HELP[f.name]
+            )
+        elif f.name == "compile":  # a bare --compile compiles the whole step
+            g.add_argument(
+                flag, nargs="?", const="step", default=None, metavar="MODE", help=HELP[f.name]
             )
         else:
             g.add_argument(flag, type=typ, default=None, metavar=f.name.upper(), help=HELP[f.name])
@@ -348,6 +354,7 @@ BENCHMARKS = (
     "conv_layouts",
     "profile_step",
     "cpu_variants",
+    "float32_sensitivity",
     "gpu_step",
     "gpu_profile",
     "distributed_throughput",

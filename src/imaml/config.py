@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, fields
 
 from .algorithms import ALGORITHMS, hyperparameter_names
+from .algorithms.imaml import piecewise_unsupported
 from .autodiff import HVP_MODES
 from .inner import VARIANTS
 from .linalg import SOLVERS
@@ -96,10 +97,12 @@ class Config:
     flat: str = "auto"  # auto | on | off: the network's tensors as one vector (auto: CUDA)
     task_chunk: int | None = None  # vmap over this many tasks at a time (bounds memory)
     cuda_graph: str = "auto"  # auto | on | off: replay the meta-step as a CUDA graph
-    compile: bool = False  # torch.compile the meta-step (minutes to compile, faster steps)
+    compile: str = "off"  # off | step | pieces: torch.compile the meta-step (imaml.cuda_graph)
     cpu_malloc: str = "keep"  # keep | system: glibc keeps freed memory for reuse (imaml.malloc)
 
     def __post_init__(self):
+        if isinstance(self.compile, bool):  # configs written before compile took a mode
+            object.__setattr__(self, "compile", "step" if self.compile else "off")
         validate(self)
 
     @property
@@ -232,8 +235,9 @@ def validate(cfg: Config) -> None:
     _choice(cfg, "cuda_graph", ("auto", "on", "off"))
     _choice(cfg, "flat", ("auto", "on", "off"))
     _choice(cfg, "cpu_malloc", ("keep", "system"))
+    _choice(cfg, "compile", ("off", "step", "pieces"))
     for name in ("cuda_graph", "compile"):
-        if getattr(cfg, name) in ("on", True) and not cfg.batched:
+        if getattr(cfg, name) in ("on", "step", "pieces") and not cfg.batched:
             raise ConfigError(f"{name} needs the batched path (drop --no-batched)")
     _num(cfg, "lam", positive=cfg.algo == "imaml", allow_none=True)
     _num(cfg, "eval_lam", positive=False, allow_none=True)
@@ -252,6 +256,10 @@ def validate(cfg: Config) -> None:
             )
     if cfg.task == "miniimagenet" and cfg.k_shot + cfg.queries > 600:
         raise ConfigError("k_shot + k_query exceeds the 600 images per Mini-ImageNet class")
+    if cfg.compile == "pieces":
+        why = f"{cfg.algo} (imaml only)" if cfg.algo != "imaml" else piecewise_unsupported(cfg)
+        if why is not None:
+            raise ConfigError(f"compile pieces does not support {why}; use --compile step")
 
 
 # The paper's iMAML-GD settings (PAPER.md); each field can be overridden.

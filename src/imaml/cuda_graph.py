@@ -14,14 +14,21 @@ re-captured for the new shape, up to ``max_graphs``), and, with ``mode="auto"``,
 capture fails (the reason is kept in ``fallback_reason``). ``mode="on"`` makes a
 failed capture an error instead.
 
-``compile=True`` runs the step through ``torch.compile`` (inductor, static shapes):
-element-wise chains (BatchNorm, ReLU, the proximal and solver updates) become fused
-loops. The first call compiles (measured 5–8 minutes for omniglot-5w1s on 2 CPU cores,
-~15 s from a warm inductor cache; then 1.35–1.9× faster per step:
-benchmarks/cpu_variants.py); a new batch shape compiles
-again. It is exact in float64 (tests/test_compile.py). On CUDA it combines with the
-graph capture (the compiled step is what gets captured); on an H200 (16 CPU cores) the
-compilation did not finish within 400 s, so that combination has no measurement yet.
+``compile="step"`` (or ``True``) runs the whole step through ``torch.compile`` (inductor,
+static shapes): element-wise chains (BatchNorm, ReLU, the proximal and solver updates)
+become fused loops. The first call compiles (measured 5–8 minutes for omniglot-5w1s on 2
+CPU cores, ~15 s from a warm inductor cache; then 1.35–1.9× faster per step:
+benchmarks/cpu_variants.py); a new batch shape compiles again. It is exact in float64
+(tests/test_compile.py). On an H200 (16 CPU cores) its compilation did not finish within
+400 s.
+
+``compile="pieces"`` (iMAML with plain GD inner steps) compiles the three batched pieces
+of ``IMAML.meta_grad_piecewise`` instead, one inner step, the query gradient and one
+Hessian-vector product, each once, and runs the inner and solver loops over them: about
+80 s to compile on 2 CPU cores or on the H200, exact in float64 (tests/test_piecewise.py).
+On CUDA either compiled step is what the graph captures; compiled pieces in the graph
+measured 16.4–17.6 ms per omniglot-5w1s meta-step on an H200, against 32 ms for the eager
+graph (benchmarks/gpu_step.py).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from .algorithms.base import MetaAlgorithm, TaskBatch
 from .params import Params
 
 MODES = ("auto", "on", "off")
+COMPILE = ("off", "step", "pieces")  # torch.compile: not at all, the whole step, its pieces
 _WARMUP_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
@@ -87,7 +95,7 @@ class MetaStep:
         alg: MetaAlgorithm,
         *,
         mode: str = "auto",
-        compile: bool = False,
+        compile: bool | str = False,
         warmup: int = 3,
         max_graphs: int = 4,
     ):
@@ -95,15 +103,24 @@ class MetaStep:
             raise ValueError(f"cuda_graph must be one of {MODES}, got {mode!r}")
         if mode == "on" and not alg.batched:
             raise ValueError("cuda_graph on needs the batched (vmap) path")
-        if compile and not alg.batched:
+        self.compile = {False: "off", True: "step"}.get(compile, compile)
+        if self.compile not in COMPILE:
+            raise ValueError(f"compile must be True, False or one of {COMPILE}, got {compile!r}")
+        if self.compile != "off" and not alg.batched:
             raise ValueError("compile needs the batched (vmap) path")
         self.alg = alg
         # static shapes: one specialised program per batch shape, as the graphs
-        self.step = (
-            torch.compile(alg.meta_grad_tensors, dynamic=False)
-            if compile
-            else alg.meta_grad_tensors
-        )
+        wrap = lambda f: torch.compile(f, dynamic=False)
+        if self.compile == "pieces":
+            why = getattr(alg, "piecewise_unsupported", lambda: f"{alg.name} (iMAML only)")()
+            if why is not None:
+                raise ValueError(f"compile='pieces' does not support {why}; use compile='step'")
+            pieces = alg.pieces(wrap)
+            self.step = lambda params, batch: alg.meta_grad_piecewise(params, batch, pieces)
+        elif self.compile == "step":
+            self.step = wrap(alg.meta_grad_tensors)
+        else:
+            self.step = alg.meta_grad_tensors
         self.mode = mode
         self.warmup = warmup
         self.max_graphs = max_graphs

@@ -4,7 +4,13 @@
 solver takes ``b`` as a tensor or a parameter dict, runs a fixed number of steps with
 per-task masks instead of Python branches (so it runs unchanged under
 ``torch.func.vmap`` over tasks), and returns ``(x, info)`` where ``info`` holds 0-dim
-tensors:
+tensors. A 2-D ``b`` of shape (T, n) is T independent systems solved together outside
+vmap (``matvec`` maps (T, n) to (T, n) row by row; every dot product, step size and
+stopping test is per row and ``info`` holds tensors of shape (T,)); this is what lets a
+batched meta-step compile its Hessian-vector product once instead of once per solver
+step (``IMAML.meta_grad_piecewise``).
+
+``info``:
 
 - ``iterations``: steps taken before the task converged or stopped;
 - ``residual``: ‖b − A·x‖ / ‖b‖ (the solver's recursive estimate);
@@ -44,9 +50,10 @@ Vector = Tensor | dict[str, Tensor]
 def _flat_problem(matvec: Callable, b: Vector, x0: Vector | None):
     """Return (flat matvec, flat b, flat x0 or None, unravel) for tensor or dict ``b``."""
     if isinstance(b, Tensor):
-        if b.dim() != 1:
+        if b.dim() not in (1, 2):
             raise ValueError(
-                f"b must be a 1-D tensor or a parameter dict, got shape {tuple(b.shape)}"
+                "b must be a 1-D tensor (one system), a 2-D tensor (one system per row) or a "
+                f"parameter dict, got shape {tuple(b.shape)}"
             )
         return matvec, b, x0, lambda v: v
     bf, unravel = ravel(b)
@@ -65,6 +72,25 @@ def _check(steps: int, tol: float):
         raise ValueError(f"tol must be >= 0, got {tol!r}")
 
 
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise ⟨a, b⟩ with the last dimension kept (shape (1,) or (T, 1)), so it scales
+    the rows of a (T, n) batch by broadcasting."""
+    return (a * b).sum(-1, keepdim=True)
+
+
+def _norm(a: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(a, dim=-1, keepdim=True)
+
+
+def _info(iterations: Tensor, residual: Tensor, negative: Tensor) -> dict[str, Tensor]:
+    """The diagnostics, one entry per system: 0-dim for one system, (T,) for T."""
+    return {
+        "iterations": iterations.squeeze(-1),
+        "residual": residual.squeeze(-1),
+        "negative_curvature": negative.squeeze(-1),
+    }
+
+
 def _safe(d: Tensor) -> Tensor:
     """``d`` where it is non-zero, else 1 (a divisor that never makes inf or NaN)."""
     return torch.where(d != 0, d, torch.ones_like(d))
@@ -74,14 +100,14 @@ def cg(matvec: Callable, b: Vector, *, steps: int, tol: float = 0.0, x0: Vector 
     """Conjugate gradient for positive-definite A, truncated at negative curvature."""
     _check(steps, tol)
     A, b, x, unravel = _flat_problem(matvec, b, x0)
-    bnorm = torch.linalg.vector_norm(b)
+    bnorm = _norm(b)
     if x is None:
         x = torch.zeros_like(b)
         r = b.clone()
     else:
         r = b - A(x)
     p = r
-    rr = r @ r
+    rr = _dot(r, r)
     active = rr > (tol * bnorm) ** 2
     negative = torch.zeros_like(active)
     neg_at_start = torch.zeros_like(active)
@@ -89,18 +115,18 @@ def cg(matvec: Callable, b: Vector, *, steps: int, tol: float = 0.0, x0: Vector 
     iterations = torch.zeros_like(active, dtype=torch.int64)
     for k in range(steps):
         Ap = A(p)
-        pAp = p @ Ap
+        pAp = _dot(p, Ap)
         neg_now = active & (pAp <= 0)
         if k == 0:
             neg_at_start = neg_now
             if x0 is None:  # p = b here, so ‖b − A·b‖² is the residual of returning b
-                fallback_rr = (b - Ap) @ (b - Ap)
+                fallback_rr = _dot(b - Ap, b - Ap)
         negative = negative | neg_now
         active = active & ~neg_now
         alpha = torch.where(active, rr / _safe(pAp), torch.zeros_like(rr))
         x = x + alpha * p
         r = r - alpha * Ap
-        rr_new = r @ r
+        rr_new = _dot(r, r)
         iterations = iterations + active.long()
         active = active & (rr_new > (tol * bnorm) ** 2)
         beta = torch.where(active, rr_new / _safe(rr), torch.zeros_like(rr))
@@ -111,18 +137,14 @@ def cg(matvec: Callable, b: Vector, *, steps: int, tol: float = 0.0, x0: Vector 
         x = torch.where(neg_at_start, b, x)
         rr = torch.where(neg_at_start, fallback_rr, rr)
     residual = torch.sqrt(rr) / _safe(bnorm)
-    return unravel(x), {
-        "iterations": iterations,
-        "residual": residual,
-        "negative_curvature": negative,
-    }
+    return unravel(x), _info(iterations, residual, negative)
 
 
 def minres(matvec: Callable, b: Vector, *, steps: int, tol: float = 0.0, x0: Vector | None = None):
     """MINRES for symmetric (possibly indefinite) A; ‖b − A·x_k‖ is non-increasing in k."""
     _check(steps, tol)
     A, b, x, unravel = _flat_problem(matvec, b, x0)
-    bnorm = torch.linalg.vector_norm(b)
+    bnorm = _norm(b)
     if x is None:
         x = torch.zeros_like(b)
         r1 = b.clone()
@@ -131,7 +153,7 @@ def minres(matvec: Callable, b: Vector, *, steps: int, tol: float = 0.0, x0: Vec
     zero = torch.zeros_like(bnorm)
     y = r1
     r2 = r1
-    beta = torch.linalg.vector_norm(r1)
+    beta = _norm(r1)
     oldb = zero
     dbar = zero
     epsln = zero
@@ -140,6 +162,7 @@ def minres(matvec: Callable, b: Vector, *, steps: int, tol: float = 0.0, x0: Vec
     sn = zero
     w = torch.zeros_like(b)
     w2 = torch.zeros_like(b)
+    pivot = zero  # the last LDLᵀ pivot of the Lanczos tridiagonal T_k
     active = phibar > tol * bnorm
     negative = torch.zeros_like(active)
     iterations = torch.zeros_like(active, dtype=torch.int64)
@@ -149,13 +172,16 @@ def minres(matvec: Callable, b: Vector, *, steps: int, tol: float = 0.0, x0: Vec
         y = A(v)
         if k > 0:
             y = y - (beta / _safe(oldb)) * r1
-        alfa = v @ y  # Rayleigh quotient vᵀAv of the Lanczos vector
-        negative = negative | (active & (alfa <= 0))
+        alfa = _dot(v, y)  # Rayleigh quotient vᵀAv of the Lanczos vector
+        # A is positive definite on the Krylov space iff the Lanczos tridiagonal T_k is,
+        # iff every pivot of T_k = LDLᵀ is > 0 (the pivots are CG's pᵀAp up to scale)
+        pivot = alfa if k == 0 else alfa - beta**2 / _safe(pivot)
+        negative = negative | (active & (pivot <= 0))
         y = y - (alfa / _safe(beta)) * r2
         r1 = r2
         r2 = y
         oldb = beta
-        beta = torch.linalg.vector_norm(y)
+        beta = _norm(y)
         oldeps = epsln
         delta = cs * dbar + sn * alfa
         gbar = sn * dbar - cs * alfa
@@ -174,11 +200,7 @@ def minres(matvec: Callable, b: Vector, *, steps: int, tol: float = 0.0, x0: Vec
         # Stop at the tolerance, or when the Krylov space is exhausted (β = 0).
         active = active & (phibar > tol * bnorm) & (beta > tiny)
     residual = phibar / _safe(bnorm)
-    return unravel(x), {
-        "iterations": iterations,
-        "residual": residual,
-        "negative_curvature": negative,
-    }
+    return unravel(x), _info(iterations, residual, negative)
 
 
 def neumann(
@@ -195,29 +217,25 @@ def neumann(
     if not alpha > 0:
         raise ValueError(f"alpha must be > 0, got {alpha!r}")
     A, b, x, unravel = _flat_problem(matvec, b, x0)
-    bnorm = torch.linalg.vector_norm(b)
+    bnorm = _norm(b)
     if x is None:
         x = torch.zeros_like(b)
         r = b.clone()
     else:
         r = b - A(x)
-    rnorm = torch.linalg.vector_norm(r)
+    rnorm = _norm(r)
     active = rnorm > tol * bnorm
     iterations = torch.zeros_like(active, dtype=torch.int64)
     for _ in range(steps):
         Ar = A(r)
         x = torch.where(active, x + alpha * r, x)
         r = torch.where(active, r - alpha * Ar, r)
-        rnorm = torch.linalg.vector_norm(r)
+        rnorm = _norm(r)
         iterations = iterations + active.long()
         active = active & (rnorm > tol * bnorm)
     residual = rnorm / _safe(bnorm)
     negative = torch.zeros_like(active)
-    return unravel(x), {
-        "iterations": iterations,
-        "residual": residual,
-        "negative_curvature": negative,
-    }
+    return unravel(x), _info(iterations, residual, negative)
 
 
 def dense_matrix(matvec: Callable, n: int, *, dtype=None, device=None) -> Tensor:
@@ -232,6 +250,8 @@ def exact(
     """Dense solve: forms A from n matvecs and calls ``torch.linalg.solve`` (small n only)."""
     del steps, tol, x0  # a direct solve needs none of them
     A, b, _, unravel = _flat_problem(matvec, b, None)
+    if b.dim() != 1:
+        raise ValueError("the exact solver solves one system: b must be 1-D or a parameter dict")
     n = b.shape[-1]
     M = dense_matrix(A, n, dtype=b.dtype, device=b.device)
     M = 0.5 * (M + M.transpose(-1, -2))

@@ -179,8 +179,11 @@ def cross_entropy(output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def mse(output: Tensor, target: Tensor) -> tuple[Tensor, None]:
-    """Mean squared error (the sinusoid loss); no accuracy."""
-    return nn.functional.mse_loss(output, target), None
+    """Mean squared error (the sinusoid loss); no accuracy.
+
+    Written out rather than ``F.mse_loss``, whose backward fails under forward-mode AD
+    ("ZeroTensors are immutable", torch 2.13), i.e. in forward-over-reverse HVPs."""
+    return ((output - target) ** 2).mean(), None
 
 
 def half_sse(output: Tensor, target: Tensor) -> tuple[Tensor, None]:

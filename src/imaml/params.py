@@ -6,6 +6,7 @@ task dimension is invisible to it).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import torch
@@ -49,15 +50,18 @@ def detach(a: Mapping[str, Tensor]) -> Params:
     return {k: v.detach() for k, v in a.items()}
 
 
-def ravel(a: Params) -> tuple[Tensor, Callable[[Tensor], Params]]:
+def ravel(a: Params, *, batch_dims: int = 0) -> tuple[Tensor, Callable[[Tensor], Params]]:
     """Flatten a dict into one vector; return it with the inverse map.
 
+    With ``batch_dims = d`` the first d dimensions (shared by every tensor, e.g. the task
+    dimension T) are kept: a dict of (T, *shape) tensors becomes one (T, n) tensor.
     The inverse splits the last dimension and keeps any leading ones (a stack of vectors
     of shape (T, n) becomes a dict of (T, *shape) tensors); its pieces are views."""
     keys = list(a)
-    shapes = [a[k].shape for k in keys]
-    sizes = [a[k].numel() for k in keys]
-    flat = torch.cat([a[k].reshape(-1) for k in keys]) if keys else torch.zeros(0)
+    lead = a[keys[0]].shape[:batch_dims] if keys else ()
+    shapes = [a[k].shape[batch_dims:] for k in keys]
+    sizes = [math.prod(s) for s in shapes]
+    flat = torch.cat([a[k].reshape(*lead, -1) for k in keys], -1) if keys else torch.zeros(0)
 
     def unravel(v: Tensor) -> Params:
         lead = v.shape[:-1]

@@ -376,8 +376,8 @@ def _train(
                     .sample(cfg.meta_batch, generator=task_gen, dtype=dtype)
                     .to(device)
                 )
-                if cfg.compile and steps_this_run == 0 and progress:
-                    bar.write("torch.compile: compiling the meta-step (one-time, minutes)")
+                if cfg.compile != "off" and steps_this_run == 0 and progress:
+                    bar.write(f"torch.compile ({cfg.compile}): compiling the meta-step (one-time)")
                 # this rank's share of the tasks; the mean meta-gradient over all ranks
                 grads, stats = meta_step(params, d.take(batch), allow_empty=d.enabled)
                 grads = distributed.mean_over_ranks(d, grads, stats["skipped"])

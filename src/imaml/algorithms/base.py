@@ -119,6 +119,7 @@ class MetaAlgorithm:
         self.task_chunk = task_chunk
         self._loss_fn = LOSSES[loss]
         self._unravel = None  # inverse of the last ``pack`` (flat vector → named tensors)
+        self._packed_layout = None  # the names and shapes ``_unravel`` was made for
 
     # -- losses as functions of a parameter dict ------------------------------------
     def loss_and_metric(self, params: Params, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -137,7 +138,10 @@ class MetaAlgorithm:
         if self.flat is None and not all(v.is_cuda for v in theta.values()):
             return theta
         network = {k: v for k, v in theta.items() if self.is_network_key(k)}
-        flat, self._unravel = ravel(network)
+        flat, unravel = ravel(network)
+        layout = tuple((k, v.shape) for k, v in network.items())
+        if layout != self._packed_layout:  # the same inverse while the layout stays, so
+            self._unravel, self._packed_layout = unravel, layout  # compiled code keeps it
         return {FLAT: flat, **{k: v for k, v in theta.items() if k not in network}}
 
     def unpack(self, packed: Params) -> Params:
@@ -244,8 +248,16 @@ class MetaAlgorithm:
             outs = [self.task_meta_grad(theta, *batch.task(i)) for i in range(batch.num_tasks)]
             g = {k: torch.stack([o[0][k] for o in outs]) for k in theta}
             stats = {k: torch.stack([o[1][k] for o in outs]) for k in outs[0][1]}
-        # A task whose losses or meta-gradient are not finite (an exploding inner loop, a
-        # NaN input) is dropped from the mean and counted in stats["skipped"].
+        return self.mean_over_tasks(g, stats)
+
+    def mean_over_tasks(
+        self, g: Params, stats: dict[str, Tensor]
+    ) -> tuple[Params, dict[str, Tensor]]:
+        """The mean of the per-task meta-gradients ``g`` (leading dimension T) over the
+        tasks kept, the network's tensors by name; adds ``stats["skipped"]``.
+
+        A task whose losses or meta-gradient are not finite (an exploding inner loop, a
+        NaN input) is dropped from the mean and counted in ``stats["skipped"]``."""
         bad = ~torch.isfinite(stats["query_loss"]) | ~torch.isfinite(stats["support_loss"])
         for v in g.values():
             bad |= ~torch.isfinite(v.reshape(v.shape[0], -1)).all(1)

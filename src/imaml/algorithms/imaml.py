@@ -3,18 +3,54 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
-from torch.func import grad_and_value
+from torch import Tensor
+from torch.func import grad_and_value, vmap
 
-from ..autodiff import HVP_MODES
-from ..implicit import check_hyperparameters, lam_gradient, solve_implicit
-from ..params import Params, norm
-from .base import MetaAlgorithm, _check_float
+from ..autodiff import HVP_MODES, hvp
+from ..implicit import check_hyperparameters, implicit_operator, lam_gradient, solve_implicit
+from ..inner import proximal_objective
+from ..linalg import solve
+from ..params import Params, detach, norm, ravel
+from ..solvers import gd
+from .base import MetaAlgorithm, TaskBatch, _check_float
 
 DEFAULT_SOLVER = "minres"  # sound on indefinite I + H/λ; see benchmarks/solver_accuracy.py
 LEARN_LAM = ("none", "scalar", "per_tensor")
 LOG_LAM = "log_lam"  # key of a learned scalar log λ; per tensor: "log_lam:<parameter name>"
+
+
+def piecewise_unsupported(settings) -> str | None:
+    """Why ``IMAML.meta_grad_piecewise`` does not apply to ``settings`` (an ``IMAML`` or a
+    run's ``Config``: anything with ``batched``, ``inner_solver``, ``inner_tol``,
+    ``learn_lam``, ``solver`` and ``task_chunk``), or None if it does. Its inner loop repeats one plain
+    gradient step (no solver state, no early stop), and its solver runs on T systems at
+    once (not the dense ``exact`` solve)."""
+    if not settings.batched:
+        return "the per-task loop (batched=False)"
+    if settings.inner_solver != "gd" or settings.inner_tol > 0:
+        return (
+            f"inner_solver={settings.inner_solver!r} with inner_tol={settings.inner_tol} "
+            "(needs gd, 0)"
+        )
+    if settings.learn_lam != "none":
+        return f"learn_lam={settings.learn_lam!r}"
+    if settings.solver == "exact":
+        return "solver='exact'"
+    if settings.task_chunk is not None:
+        return f"task_chunk={settings.task_chunk} (the pieces take every task at once)"
+    return None
+
+
+class Pieces(NamedTuple):
+    """The three batched functions of ``IMAML.meta_grad_piecewise`` (see there)."""
+
+    inner_step: Callable
+    linearize: Callable
+    matvec: Callable
 
 
 class IMAML(MetaAlgorithm):
@@ -159,6 +195,92 @@ class IMAML(MetaAlgorithm):
             g.update({f"{LOG_LAM}:{k}": glog[k] for k in glog})
             stats["lam"] = sum(lam.values()) / len(lam) * torch.ones_like(q_loss)
         return g, stats
+
+    # -- the same meta-gradient with the loops outside vmap --------------------------
+    def piecewise_unsupported(self) -> str | None:
+        """Why ``meta_grad_piecewise`` does not apply to these settings (None if it does)."""
+        return piecewise_unsupported(self)
+
+    def pieces(self, wrap: Callable[[Callable], Callable] = lambda f: f) -> Pieces:
+        """The batched functions ``meta_grad_piecewise`` calls, each ``wrap``ped once
+        (``torch.compile`` in ``imaml.cuda_graph.MetaStep``)."""
+        task = (None, 0, 0)  # θ shared, φ and the support set per task
+        return Pieces(
+            inner_step=wrap(vmap(self._piece_inner_step, in_dims=(*task, 0))),
+            linearize=wrap(vmap(self._piece_linearize, in_dims=(*task, 0, 0, 0))),
+            matvec=wrap(vmap(self._piece_matvec, in_dims=(0, 0, 0, 0))),
+        )
+
+    def _piece_inner_step(self, theta, phi, sx, sy):
+        """One step of the inner loop (gradient descent on G, or on L̂ for the
+        ``reference_code`` variant), as in ``adapt``."""
+        objective = self.loss_of(sx, sy)
+        if self.variant == "paper":
+            objective = proximal_objective(objective, theta, lam=self.lam)
+        return gd(objective, phi, steps=1, lr=self.inner_lr)[0]
+
+    def _piece_linearize(self, theta, phi, sx, sy, qx, qy):
+        """v = ∇L(φ), ∇L̂(φ) and the task's statistics at the inner solution."""
+
+        def query(p):
+            loss, metric = self.loss_and_metric(p, qx, qy)
+            return loss, ({} if metric is None else {"query_accuracy": metric})
+
+        v, (q_loss, q_metrics) = grad_and_value(query, has_aux=True)(phi)
+        support_grad, s_loss = grad_and_value(self.loss_of(sx, sy))(phi)
+        grad_G = {k: support_grad[k] + self.lam * (phi[k] - theta[k]) for k in phi}
+        stats = {"support_loss": s_loss, "query_loss": q_loss, "inner_grad_norm": norm(grad_G)}
+        return v, stats, q_metrics
+
+    def _piece_matvec(self, phi, sx, sy, u):
+        """u ↦ (I + H/λ)u (with the damping of ``implicit_operator``), H = ∇²L̂(φ)."""
+        H = lambda w: hvp(self.loss_of(sx, sy), phi, w, mode=self.hvp_mode)
+        A = implicit_operator(
+            H, lam=self.lam, cg_damping=self.cg_damping, lam_damping=self.lam_damping
+        )
+        return A(u)
+
+    def meta_grad_piecewise(
+        self, params: Params, batch: TaskBatch, pieces: Pieces
+    ) -> tuple[Params, dict[str, Tensor]]:
+        """``meta_grad_tensors`` with the inner loop and the linear solver outside vmap.
+
+        The same math as the vmap path (equal in float64, tests/test_piecewise.py): the
+        inner loop calls the batched ``pieces.inner_step`` ``inner_steps`` times, the
+        solver runs on T systems at once (``imaml.linalg``'s row-wise mode) and calls the
+        batched ``pieces.matvec`` once per step. Each piece is one small program, so
+        ``torch.compile`` compiles it once and the loops reuse it, instead of compiling
+        the whole unrolled step (minutes). The Hessian-vector product is recomputed from
+        φ at each solver step (one forward and backward more per step than the vmap path's
+        linearisation, which a compiled piece cannot keep between calls).
+        Applies where ``piecewise_unsupported()`` is None; no host-device synchronisation.
+        """
+        if (why := self.piecewise_unsupported()) is not None:
+            raise ValueError(f"the piecewise meta-step does not support {why}")
+        theta = self.pack(detach(params))
+        sx, sy, qx, qy = batch
+        T = batch.num_tasks
+        phi = {k: v.expand(T, *v.shape).clone() for k, v in theta.items()}  # φ₀ = θ
+        for _ in range(self.inner_steps):
+            phi = pieces.inner_step(theta, phi, sx, sy)
+        if self.variant == "reference_code":  # the release's final proximal step
+            phi = {k: phi[k] - self.inner_lr * self.lam * (phi[k] - theta[k]) for k in phi}
+        v, stats, q_metrics = pieces.linearize(theta, phi, sx, sy, qx, qy)
+        b, unravel = ravel(v, batch_dims=1)  # (T, n): one system per task
+
+        def A(x):
+            return ravel(pieces.matvec(phi, sx, sy, unravel(x)), batch_dims=1)[0]
+
+        x, info = solve(A, b, method=self.solver, steps=self.cg_steps, tol=self.cg_tol)
+        stats = {
+            **stats,
+            "inner_iterations": torch.full((T,), self.inner_steps, device=b.device),
+            "solver_residual": info["residual"],
+            "solver_iterations": info["iterations"],
+            "negative_curvature": info["negative_curvature"],
+            **q_metrics,
+        }  # the keys in task_meta_grad's order
+        return self.mean_over_tasks(unravel(x), stats)
 
     def hyperparameters(self) -> dict:
         return {

@@ -1,0 +1,149 @@
+"""The piecewise iMAML meta-step (``IMAML.meta_grad_piecewise``, ``--compile pieces``):
+the inner loop and the linear solver run outside vmap over three batched pieces. It must
+compute the vmap path's numbers exactly (float64), never read the device on the host, and
+refuse the settings it does not cover."""
+
+import shutil
+
+import pytest
+import torch
+from test_cuda_graph import RecordSyncs
+
+from imaml import TaskBatch, make_algorithm
+from imaml.config import ConfigError, from_preset
+from imaml.cuda_graph import MetaStep
+from imaml.models import MLP
+
+from conftest import conv_setup, rel
+
+needs_cxx = pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="no C++ compiler"
+)
+
+SETTINGS = [
+    {},
+    {"flat": True},
+    {"solver": "cg", "flat": True},
+    {"solver": "neumann", "cg_steps": 3},
+    {"variant": "reference_code"},
+    {"hvp_mode": "fwd", "flat": True},
+    {"cg_damping": 1.0, "lam_damping": 10.0},
+    {"cg_tol": 0.3, "solver": "cg"},
+    {"inner_steps": 0},
+]
+
+
+def _equal(a, b):
+    (ga, sa), (gb, sb) = a, b
+    assert set(ga) == set(gb) and list(sa) == list(sb)
+    assert rel(ga, gb) < 1e-12
+    for k, v in sb.items():
+        assert sa[k].dtype == v.dtype and sa[k].shape == v.shape, k
+        assert torch.allclose(sa[k].double(), v.double(), rtol=1e-12, atol=1e-14, equal_nan=True), k
+
+
+@pytest.mark.parametrize("kw", SETTINGS)
+def test_piecewise_equals_the_vmap_path_in_float64(kw):
+    model, theta, batch = conv_setup(torch.float64, T=3)
+    alg = make_algorithm("imaml", model=model, **{"inner_steps": 3, "lam": 0.5, **kw})
+    out = alg.meta_grad_piecewise(theta, batch, alg.pieces())
+    _equal(out, alg.meta_grad_tensors(theta, batch))
+    # not comparing a thing with itself: another λ changes the answer
+    other = make_algorithm("imaml", model=model, **{"inner_steps": 3, "lam": 2.0, **kw})
+    assert rel(other.meta_grad_piecewise(theta, batch, other.pieces())[0], out[0]) > 1e-6
+
+
+def test_piecewise_regression_with_forward_over_reverse_products(f64):
+    """The sinusoid setting (MSE; forward-mode HVPs once failed inside F.mse_loss)."""
+    g = torch.Generator().manual_seed(0)
+    model = MLP((1, 8, 8, 1), generator=g)
+    theta = {k: v.detach() for k, v in model.named_parameters()}
+    x = lambda: torch.rand(4, 5, 1, generator=g)
+    batch = TaskBatch(x(), x(), x(), x())
+    ref = make_algorithm("imaml", model=model, loss="mse", inner_steps=3).meta_grad(theta, batch)
+    alg = make_algorithm("imaml", model=model, loss="mse", inner_steps=3, hvp_mode="fwd")
+    _equal(alg.meta_grad_piecewise(theta, batch, alg.pieces()), ref)
+
+
+def test_piecewise_skips_non_finite_tasks_like_the_vmap_path():
+    model, theta, batch = conv_setup(torch.float64, T=3)
+    sx = batch.support_x.clone()
+    sx[1] = float("nan")
+    bad = TaskBatch(sx, *batch[1:])
+    alg = make_algorithm("imaml", model=model, inner_steps=2)
+    out = alg.meta_grad_piecewise(theta, bad, alg.pieces())
+    assert out[1]["skipped"].tolist() == [False, True, False]
+    _equal(out, alg.meta_grad_tensors(theta, bad))
+
+
+def test_piecewise_step_never_reads_the_device_on_the_host():
+    model, theta, batch = conv_setup(T=2)
+    alg = make_algorithm("imaml", model=model, inner_steps=2, flat=True)
+    pieces = alg.pieces()
+    with RecordSyncs() as rec:
+        alg.meta_grad_piecewise(theta, batch, pieces)
+    assert rec.seen == []
+
+
+@pytest.mark.parametrize(
+    ("algo", "kw", "why"),
+    [
+        ("maml", {}, "maml"),
+        ("imaml", {"inner_solver": "adam"}, "inner_solver='adam'"),
+        ("imaml", {"inner_tol": 1e-3}, "inner_tol=0.001"),
+        ("imaml", {"learn_lam": "scalar"}, "learn_lam='scalar'"),
+        ("imaml", {"solver": "exact"}, "solver='exact'"),
+        ("imaml", {"batched": False}, "batched"),
+        ("imaml", {"task_chunk": 2}, "task_chunk=2"),
+    ],
+)
+def test_unsupported_settings_are_refused_with_the_reason(algo, kw, why):
+    model, theta, batch = conv_setup()
+    alg = make_algorithm(algo, model=model, **kw)
+    with pytest.raises(ValueError, match=why):
+        MetaStep(alg, compile="pieces")
+    if algo == "imaml" and kw.get("batched", True):
+        with pytest.raises(ValueError, match="piecewise meta-step does not support"):
+            alg.meta_grad_piecewise(theta, batch, alg.pieces())
+
+
+def test_config_and_cli_compile_modes():
+    cfg = from_preset("omniglot-5w1s")
+    assert cfg.compile == "off"
+    assert cfg.replace(compile=True).compile == "step"  # configs written before the modes
+    assert cfg.replace(compile=False).compile == "off"
+    assert cfg.replace(compile="pieces").compile == "pieces"
+    with pytest.raises(ConfigError, match="compile pieces does not support maml"):
+        cfg.replace(algo="maml", compile="pieces")
+    with pytest.raises(ConfigError, match="inner_solver='adam'"):
+        cfg.replace(inner_solver="adam", compile="pieces")
+    with pytest.raises(ConfigError, match="unknown compile 'fast'"):
+        cfg.replace(compile="fast")
+    with pytest.raises(ValueError, match="compile must be"):
+        MetaStep(make_algorithm("imaml", model=conv_setup()[0]), compile="fast")
+
+    from imaml.cli import build_parser
+
+    parse = lambda *a: build_parser().parse_args(["train", *a]).compile
+    assert parse("--compile") == "step" and parse("--compile", "pieces") == "pieces"
+    assert parse() is None  # the preset's
+
+
+@needs_cxx
+def test_compiled_pieces_equal_eager_in_float64(f64):
+    """Small MLP (compiling is slow on 2 cores); one compiled program per piece, reused by
+    every inner step and every solver step, and again on the next call."""
+    from torch._dynamo.utils import counters
+
+    g = torch.Generator().manual_seed(0)
+    model = MLP((1, 8, 8, 1), generator=g)
+    theta = {k: v.detach() for k, v in model.named_parameters()}
+    x = lambda: torch.rand(3, 5, 1, generator=g)
+    batch = TaskBatch(x(), x(), x(), x())
+    alg = make_algorithm("imaml", model=model, loss="mse", inner_steps=3, cg_steps=3)
+    step = MetaStep(alg, compile="pieces")
+    counters.clear()
+    for shift in (0.0, 0.5):
+        b = TaskBatch(batch.support_x + shift, *batch[1:])
+        _equal(step(theta, b), alg.meta_grad(theta, b))
+    assert counters["stats"]["unique_graphs"] == 3  # inner step, linearisation, matvec
