@@ -24,6 +24,10 @@
 # 354 s on an H200 on 2026-11-27: tests 54 s, compile stage 93 s, training 150 s):
 #   STAGES="device tests compile train" COMPILE_S=300 TRAIN_ARGS="--compile pieces" \
 #   bash benchmarks/gpu_check.sh 150
+# or where the compiled pieces' time goes (PROFILE_ARGS go to gpu_profile.py; the pieces
+# compiled in 70-84 s on an H200), with a longer training run that uses them:
+#   STAGES="device profile train" PROFILE_S=200 PROFILE_ARGS="--compile pieces --hvp-mode fwd" \
+#   TRAIN_ARGS="--compile pieces --hvp-mode fwd" bash benchmarks/gpu_check.sh 300
 #
 # To try the script without a GPU (small sizes, CPU; CUDA tests skip):
 #   DEVICE=cpu STEP_ARGS="--repeats 1 --tasks 4 --channels 8" FIG2B_ARGS="--meta-batch 1 \
@@ -39,6 +43,8 @@ TRAIN_S=${1:-240}
 COMPILE_S=${COMPILE_S:-0}
 COMPILE_MODES=${COMPILE_MODES:-pieces}
 TRAIN_ARGS=${TRAIN_ARGS:-}
+PROFILE_ARGS=${PROFILE_ARGS:---conv fastest}
+PROFILE_S=${PROFILE_S:-90}
 DEVICE=${DEVICE:-cuda}
 STEP_ARGS=${STEP_ARGS:---repeats 20}
 FIG2B_ARGS=${FIG2B_ARGS:---meta-batch 32 --time-cap 5 --repeats 2}
@@ -64,8 +70,8 @@ stage "ms per meta-step"
 fi
 
 if on profile; then
-stage "profile of the eager step with the fastest convolutions"
-(cd benchmarks && timeout 90 $PY gpu_profile.py --repeats 10 --conv fastest --out "$OUT" | head -30)
+stage "profile of the step without a graph: $PROFILE_ARGS"
+(cd benchmarks && timeout "$PROFILE_S" $PY gpu_profile.py --repeats 10 $PROFILE_ARGS --out "$OUT" | head -30)
 fi
 
 if on compile && [ "$COMPILE_S" -gt 0 ]; then

@@ -239,7 +239,12 @@ def main() -> int:
         r = load(name)
         if not r:
             continue
-        print(f"{r['machine']['cuda']}, convolutions {r.get('conv', 'native')}:")
+        extra = "".join(
+            f", {label} {r[k]}"
+            for k, label, default in (("compile", "compile", "off"), ("hvp_mode", "HVPs", "rev"))
+            if r.get(k, default) != default
+        )
+        print(f"{r['machine']['cuda']}, convolutions {r.get('conv', 'native')}{extra}:")
         print()
         print("| CUDA-graph meta-step, cuDNN setting | ms |")
         print("|---|---|")
