@@ -16,7 +16,7 @@ from imaml.train import setup_runtime
 glibc = pytest.mark.skipif(imaml.malloc._libc() is None, reason="glibc only")
 
 # Allocate and free a 64 MiB tensor (16,384 pages) twelve times; print the minor page
-# faults of the last nine (glibc's heap settles in the first two).
+# faults of the last nine (glibc's heap settles in the first three).
 FAULTS = textwrap.dedent(
     """
     import resource, sys, torch, imaml
@@ -43,7 +43,9 @@ def minor_faults(mode: str) -> int:
 def test_freed_memory_is_reused_without_page_faults():
     pages = 9 * (1 << 24) * 4 // 4096
     assert minor_faults("system") > pages // 2  # glibc maps and unmaps the block every time
-    assert minor_faults("keep") < pages // 50  # the block comes back from the heap
+    # the block comes back from the heap: at most one of the nine allocations faulted in
+    # afresh (a clean-clone CI run once saw exactly one, 16,384 faults; usually ~0)
+    assert minor_faults("keep") <= pages // 9 + 256
 
 
 def test_without_glibc_it_does_nothing_and_says_so(monkeypatch):
