@@ -24,6 +24,11 @@
 # 354 s on an H200 on 2026-11-27: tests 54 s, compile stage 93 s, training 150 s):
 #   STAGES="device tests compile train" COMPILE_S=300 TRAIN_ARGS="--compile pieces" \
 #   bash benchmarks/gpu_check.sh 150
+# or whether channels-last convolutions remove cuDNN's layout transposes (27% of the
+# compiled pieces' kernel time on an H200, 2026-11-27; two compiles of 70-85 s each):
+#   STAGES="device compile" COMPILE_S=400 \
+#   STEP_ARGS="--repeats 20 --compile-hvp fwd --compile-layout channels-last default" \
+#   bash benchmarks/gpu_check.sh
 # or where the compiled pieces' time goes (PROFILE_ARGS go to gpu_profile.py; the pieces
 # compiled in 70-84 s on an H200), with a longer training run that uses them:
 #   STAGES="device profile train" PROFILE_S=200 PROFILE_ARGS="--compile pieces --hvp-mode fwd" \

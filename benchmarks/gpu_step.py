@@ -27,7 +27,9 @@ graph row of gpu_step.json in ``--out``), for each of ``--compile-queries`` (def
 each MODE in order (``pieces``: one inner step, the query gradient and one
 Hessian-vector product compiled once each and reused by the loops; ``step``: the whole
 step as one program; ``imaml.cuda_graph``) and each HVP mode of ``--compile-hvp``
-(``rev``; ``fwd`` adds ``-hvp-fwd`` to the name): ``graph-compiled-MODE`` (the compiled step captured as a CUDA graph, the first call's
+(``rev``; ``fwd`` adds ``-hvp-fwd`` to the name) and each layout of ``--compile-layout``
+(``default``; ``channels-last`` forces inductor's layout optimisation, which it skips for
+vmap's grouped convolutions, and adds ``-channels-last``): ``graph-compiled-MODE`` (the compiled step captured as a CUDA graph, the first call's
 compilation and capture timed apart) and ``compiled-MODE`` (the same compiled step,
 eager). Two uncompiled rows come first, for comparison on the same machine: ``graph``
 (the eager vmap step) and ``graph-pieces`` (the piecewise step uncompiled: its cost of
@@ -41,12 +43,14 @@ Writes gpu_step_compiled.json.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import pathlib
 import sys
 import time
 
 import torch
+import torch._inductor.config as inductor_config
 
 from imaml import TaskBatch, make_algorithm
 from imaml.cuda_graph import MetaStep
@@ -121,6 +125,13 @@ def main(argv=None) -> int:
     ap.add_argument("--compile-conv", default="fastest", choices=("fastest", *CONVS))
     ap.add_argument("--compile-hvp", nargs="+", default=["rev"], choices=("rev", "fwd"))
     ap.add_argument("--compile-queries", type=int, nargs="+", default=[1])
+    ap.add_argument(
+        "--compile-layout",
+        nargs="+",
+        default=["default"],
+        choices=("default", "channels-last"),
+        help="channels-last: force inductor's layout optimisation (channels-last convolutions)",
+    )
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     g = torch.Generator().manual_seed(0)
@@ -186,12 +197,18 @@ def main(argv=None) -> int:
                 pieces = plain.pieces()
                 uncompiled.step = lambda p, b: plain.meta_grad_piecewise(p, b, pieces)
                 record("graph-pieces", lambda: uncompiled(params, batch), **kw)
-            for mode in args.compile:
-                for hvp in args.compile_hvp:
-                    # one compiled step: the graph captures it, and it is timed eager too
-                    alg = imaml(flat=True, hvp_mode=hvp)
-                    step = MetaStep(alg, mode=graph, compile=mode)
-                    name = mode + ("-hvp-fwd" if hvp == "fwd" else "")
+            for mode, hvp, layout in itertools.product(
+                args.compile, args.compile_hvp, args.compile_layout
+            ):
+                # one compiled step: the graph captures it, and it is timed eager too
+                alg = imaml(flat=True, hvp_mode=hvp)
+                step = MetaStep(alg, mode=graph, compile=mode)
+                name = mode + ("-hvp-fwd" if hvp == "fwd" else "")
+                name += "-channels-last" if layout == "channels-last" else ""
+                # inductor leaves vmap's grouped convolutions in NCHW unless forced, and
+                # cuDNN then transposes around its NHWC kernels (profile_cuda_pieces_hvp-fwd)
+                force = {"force_layout_optimization": layout == "channels-last"}
+                with inductor_config.patch(force):
                     for variant, fn in (
                         (f"graph-compiled-{name}", step),
                         (f"compiled-{name}", step._step),

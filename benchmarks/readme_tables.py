@@ -252,7 +252,8 @@ def main() -> int:
             print(f"| {x['variant']} | {x['ms']:.1f} |")
         print()
         print(
-            f"Eager meta-step: {r['kernels_per_meta_step']} kernels, "
+            f"{'Eager' if r.get('compile', 'off') == 'off' else 'Compiled'} meta-step: "
+            f"{r['kernels_per_meta_step']} kernels, "
             f"{r['summed_kernel_ms']:.1f} ms of summed kernel time."
         )
         print()

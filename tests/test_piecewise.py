@@ -147,3 +147,22 @@ def test_compiled_pieces_equal_eager_in_float64(f64):
         b = TaskBatch(batch.support_x + shift, *batch[1:])
         _equal(step(theta, b), alg.meta_grad(theta, b))
     assert counters["stats"]["unique_graphs"] == 3  # inner step, linearisation, matvec
+
+
+@needs_cxx
+def test_several_compiled_algorithms_in_one_process_each_compile(f64):
+    """dynamo keeps 8 compiled entries per code object; the pieces of every algorithm
+    once shared vmap's wrapper code, and a third algorithm silently ran eager."""
+    from torch._dynamo.utils import counters
+
+    g = torch.Generator().manual_seed(0)
+    model = MLP((1, 4, 1), generator=g)
+    theta = {k: v.detach() for k, v in model.named_parameters()}
+    x = lambda: torch.rand(2, 3, 1, generator=g)
+    batch = TaskBatch(x(), x(), x(), x())
+    counters.clear()
+    for i in range(4):
+        alg = make_algorithm("imaml", model=model, loss="mse", inner_steps=1, cg_steps=1)
+        alg.lam = 1.0 + i
+        MetaStep(alg, compile="pieces")(theta, batch)
+    assert counters["stats"]["unique_graphs"] == 12  # 3 pieces × 4 algorithms, all compiled

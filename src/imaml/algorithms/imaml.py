@@ -203,13 +203,26 @@ class IMAML(MetaAlgorithm):
 
     def pieces(self, wrap: Callable[[Callable], Callable] = lambda f: f) -> Pieces:
         """The batched functions ``meta_grad_piecewise`` calls, each ``wrap``ped once
-        (``torch.compile`` in ``imaml.cuda_graph.MetaStep``)."""
+        (``torch.compile`` in ``imaml.cuda_graph.MetaStep``).
+
+        Each piece is its own function calling ``vmap`` inside, not ``vmap``'s wrapper
+        itself: dynamo keeps at most 8 compiled entries per code object, and the three
+        pieces of every algorithm in a process would otherwise share vmap's one wrapper
+        code (a third compiled algorithm fell back to eager). Now the limit is 8
+        algorithms per process, as for the whole compiled step."""
         task = (None, 0, 0)  # θ shared, φ and the support set per task
-        return Pieces(
-            inner_step=wrap(vmap(self._piece_inner_step, in_dims=(*task, 0))),
-            linearize=wrap(vmap(self._piece_linearize, in_dims=(*task, 0, 0, 0))),
-            matvec=wrap(vmap(self._piece_matvec, in_dims=(0, 0, 0, 0))),
-        )
+
+        def inner_step(theta, phi, sx, sy):
+            return vmap(self._piece_inner_step, in_dims=(*task, 0))(theta, phi, sx, sy)
+
+        def linearize(theta, phi, sx, sy, qx, qy):
+            run = vmap(self._piece_linearize, in_dims=(*task, 0, 0, 0))
+            return run(theta, phi, sx, sy, qx, qy)
+
+        def matvec(phi, sx, sy, u):
+            return vmap(self._piece_matvec)(phi, sx, sy, u)
+
+        return Pieces(inner_step=wrap(inner_step), linearize=wrap(linearize), matvec=wrap(matvec))
 
     def _piece_inner_step(self, theta, phi, sx, sy):
         """One step of the inner loop (gradient descent on G, or on L̂ for the
