@@ -257,8 +257,7 @@ def validate(cfg: Config) -> None:
     if cfg.task == "miniimagenet" and cfg.k_shot + cfg.queries > 600:
         raise ConfigError("k_shot + k_query exceeds the 600 images per Mini-ImageNet class")
     if cfg.compile == "pieces":
-        why = f"{cfg.algo} (imaml only)" if cfg.algo != "imaml" else piecewise_unsupported(cfg)
-        if why is not None:
+        if (why := piecewise_unsupported(cfg, algo=cfg.algo)) is not None:
             raise ConfigError(f"compile pieces does not support {why}; use --compile step")
 
 

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from .algorithms.base import MetaAlgorithm, TaskBatch
+from .algorithms.imaml import piecewise_unsupported
 from .params import Params
 
 MODES = ("auto", "on", "off")
@@ -112,8 +113,7 @@ class MetaStep:
         # static shapes: one specialised program per batch shape, as the graphs
         wrap = lambda f: torch.compile(f, dynamic=False)
         if self.compile == "pieces":
-            why = getattr(alg, "piecewise_unsupported", lambda: f"{alg.name} (iMAML only)")()
-            if why is not None:
+            if (why := piecewise_unsupported(alg, algo=alg.name)) is not None:
                 raise ValueError(f"compile='pieces' does not support {why}; use compile='step'")
             pieces = alg.pieces(wrap)
             self.step = lambda params, batch: alg.meta_grad_piecewise(params, batch, pieces)

@@ -34,6 +34,25 @@ def proximal_objective(support_loss: Callable[[Params], Tensor], theta: Params, 
     return G
 
 
+def inner_objective(support_loss: Callable[[Params], Tensor], theta: Params, *, lam: Lam, variant):
+    """What the inner solver minimises: G(φ) for the paper's variant, L̂(φ) alone for the
+    authors' release (``reference_code``), whose proximal term comes in ``pull_back``."""
+    return proximal_objective(support_loss, theta, lam=lam) if variant == "paper" else support_loss
+
+
+def pull_back(phi: Params, theta: Params, *, lam: Lam, inner_lr: float, variant: str) -> Params:
+    """After the solver: for ``reference_code``, one gradient step of size ``inner_lr`` on
+    ½ Σ_k λ_k‖φ_k − θ_k‖², i.e. φ ← φ − α·λ(φ − θ); the paper's variant is left as it is."""
+    if variant == "paper":
+        return phi
+    return {k: phi[k] - inner_lr * _lam_of(lam, k) * (phi[k] - theta[k]) for k in phi}
+
+
+def proximal_gradient(support_grad: Params, phi: Params, theta: Params, *, lam: Lam) -> Params:
+    """∇G(φ) = ∇L̂(φ) + Λ(φ − θ), from ∇L̂(φ); zero at the exact inner solution."""
+    return {k: support_grad[k] + _lam_of(lam, k) * (phi[k] - theta[k]) for k in phi}
+
+
 def solver_options(solver: str | Callable, options: Mapping | None) -> dict:
     """The subset of ``options`` that ``solver`` accepts (e.g. ``cg_steps`` for newton_cg)."""
     if not options:
@@ -73,10 +92,7 @@ def adapt(
         raise ValueError(f"unknown inner-loop variant {variant!r}; choose one of {VARIANTS}")
     run = get_inner_solver(solver)
     opts = solver_options(solver, options)
-    if variant == "paper":
-        G = proximal_objective(support_loss, theta, lam=lam)
-        phi, info = run(G, theta, steps=inner_steps, lr=inner_lr, tol=tol, **opts)
-    else:
-        phi, info = run(support_loss, theta, steps=inner_steps, lr=inner_lr, tol=tol, **opts)
-        phi = {k: phi[k] - inner_lr * _lam_of(lam, k) * (phi[k] - theta[k]) for k in phi}
+    objective = inner_objective(support_loss, theta, lam=lam, variant=variant)
+    phi, info = run(objective, theta, steps=inner_steps, lr=inner_lr, tol=tol, **opts)
+    phi = pull_back(phi, theta, lam=lam, inner_lr=inner_lr, variant=variant)
     return (phi, info) if return_info else phi

@@ -12,7 +12,7 @@ from torch.func import grad_and_value, vmap
 
 from ..autodiff import HVP_MODES, hvp
 from ..implicit import check_hyperparameters, implicit_operator, lam_gradient, solve_implicit
-from ..inner import proximal_objective
+from ..inner import inner_objective, proximal_gradient, pull_back
 from ..linalg import solve
 from ..params import Params, detach, norm, ravel
 from ..solvers import gd
@@ -23,12 +23,15 @@ LEARN_LAM = ("none", "scalar", "per_tensor")
 LOG_LAM = "log_lam"  # key of a learned scalar log λ; per tensor: "log_lam:<parameter name>"
 
 
-def piecewise_unsupported(settings) -> str | None:
-    """Why ``IMAML.meta_grad_piecewise`` does not apply to ``settings`` (an ``IMAML`` or a
-    run's ``Config``: anything with ``batched``, ``inner_solver``, ``inner_tol``,
-    ``learn_lam``, ``solver`` and ``task_chunk``), or None if it does. Its inner loop repeats one plain
-    gradient step (no solver state, no early stop), and its solver runs on T systems at
-    once (not the dense ``exact`` solve)."""
+def piecewise_unsupported(settings, *, algo: str) -> str | None:
+    """Why ``IMAML.meta_grad_piecewise`` does not apply to algorithm ``algo`` with
+    ``settings`` (an algorithm or a run's ``Config``: anything with ``batched``,
+    ``inner_solver``, ``inner_tol``, ``learn_lam``, ``solver`` and ``task_chunk``), or None
+    if it does. It is iMAML's; its inner loop repeats one plain gradient step (no solver
+    state, no early stop), and its solver runs on T systems at once (not the dense
+    ``exact`` solve)."""
+    if algo != "imaml":
+        return f"{algo} (iMAML only)"
     if not settings.batched:
         return "the per-task loop (batched=False)"
     if settings.inner_solver != "gd" or settings.inner_tol > 0:
@@ -174,9 +177,7 @@ class IMAML(MetaAlgorithm):
             lam_damping=self.lam_damping,
             hvp_mode=self.hvp_mode,
         )
-        # ∇G(φ) = ∇L̂(φ) + Λ(φ − θ), zero at the exact inner solution.
-        lam_k = lambda k: lam[k] if isinstance(lam, dict) else lam
-        grad_G = {k: support_grad[k] + lam_k(k) * (phi[k] - model_theta[k]) for k in phi}
+        grad_G = proximal_gradient(support_grad, phi, model_theta, lam=lam)
         stats = {
             "support_loss": support_loss(phi),
             "query_loss": q_loss,
@@ -199,7 +200,7 @@ class IMAML(MetaAlgorithm):
     # -- the same meta-gradient with the loops outside vmap --------------------------
     def piecewise_unsupported(self) -> str | None:
         """Why ``meta_grad_piecewise`` does not apply to these settings (None if it does)."""
-        return piecewise_unsupported(self)
+        return piecewise_unsupported(self, algo=self.name)
 
     def pieces(self, wrap: Callable[[Callable], Callable] = lambda f: f) -> Pieces:
         """The batched functions ``meta_grad_piecewise`` calls, each ``wrap``ped once
@@ -227,9 +228,7 @@ class IMAML(MetaAlgorithm):
     def _piece_inner_step(self, theta, phi, sx, sy):
         """One step of the inner loop (gradient descent on G, or on L̂ for the
         ``reference_code`` variant), as in ``adapt``."""
-        objective = self.loss_of(sx, sy)
-        if self.variant == "paper":
-            objective = proximal_objective(objective, theta, lam=self.lam)
+        objective = inner_objective(self.loss_of(sx, sy), theta, lam=self.lam, variant=self.variant)
         return gd(objective, phi, steps=1, lr=self.inner_lr)[0]
 
     def _piece_linearize(self, theta, phi, sx, sy, qx, qy):
@@ -241,7 +240,7 @@ class IMAML(MetaAlgorithm):
 
         v, (q_loss, q_metrics) = grad_and_value(query, has_aux=True)(phi)
         support_grad, s_loss = grad_and_value(self.loss_of(sx, sy))(phi)
-        grad_G = {k: support_grad[k] + self.lam * (phi[k] - theta[k]) for k in phi}
+        grad_G = proximal_gradient(support_grad, phi, theta, lam=self.lam)
         stats = {"support_loss": s_loss, "query_loss": q_loss, "inner_grad_norm": norm(grad_G)}
         return v, stats, q_metrics
 
@@ -276,8 +275,7 @@ class IMAML(MetaAlgorithm):
         phi = {k: v.expand(T, *v.shape).clone() for k, v in theta.items()}  # φ₀ = θ
         for _ in range(self.inner_steps):
             phi = pieces.inner_step(theta, phi, sx, sy)
-        if self.variant == "reference_code":  # the release's final proximal step
-            phi = {k: phi[k] - self.inner_lr * self.lam * (phi[k] - theta[k]) for k in phi}
+        phi = pull_back(phi, theta, lam=self.lam, inner_lr=self.inner_lr, variant=self.variant)
         v, stats, q_metrics = pieces.linearize(theta, phi, sx, sy, qx, qy)
         b, unravel = ravel(v, batch_dims=1)  # (T, n): one system per task
 
