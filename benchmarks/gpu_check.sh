@@ -17,18 +17,21 @@
 #   IMAML_DATA_DIR=/path/holding/omniglot bash benchmarks/gpu_check.sh [TRAIN_SECONDS]
 #
 # STAGES picks stages (default all: "device tests step profile compile fig2b train"; compile runs
-# only with COMPILE_S > 0), e.g. the speed check alone (150 s on an H200, 2026-11-27):
+# only with COMPILE_S > 0; "loop" (benchmarks/train_overhead.py, LOOP_ARGS, LOOP_S) runs only
+# when named), e.g. the speed check alone (150 s on an H200, 2026-11-27):
 #   STAGES="device tests step profile" STEP_ARGS="--repeats 10 --loop-repeats 0" \
 #   bash benchmarks/gpu_check.sh
 # or the compiled pieces and a training run that uses them (TRAIN_ARGS go to imaml train;
 # 354 s on an H200 on 2026-11-27: tests 54 s, compile stage 93 s, training 150 s):
 #   STAGES="device tests compile train" COMPILE_S=300 TRAIN_ARGS="--compile pieces" \
 #   bash benchmarks/gpu_check.sh 150
-# or whether channels-last convolutions remove cuDNN's layout transposes (27% of the
-# compiled pieces' kernel time on an H200, 2026-11-27; two compiles of 70-85 s each):
-#   STAGES="device compile" COMPILE_S=400 \
+# or, NEXT (not yet run on a GPU): whether channels-last convolutions remove cuDNN's layout
+# transposes (27% of the compiled pieces' kernel time on an H200, 2026-11-27; two compiles
+# of 70-85 s each), and what the training loop adds to the compiled pieces, reading each
+# step in order and one step behind (the CUDA default since 2026-11-27):
+#   STAGES="device tests compile loop" COMPILE_S=400 LOOP_S=300 \
 #   STEP_ARGS="--repeats 20 --compile-hvp fwd --compile-layout channels-last default" \
-#   bash benchmarks/gpu_check.sh
+#   LOOP_ARGS="--compile pieces --hvp-mode fwd" bash benchmarks/gpu_check.sh
 # or where the compiled pieces' time goes (PROFILE_ARGS go to gpu_profile.py; the pieces
 # compiled in 70-84 s on an H200), with a longer training run that uses them:
 #   STAGES="device profile train" PROFILE_S=200 PROFILE_ARGS="--compile pieces --hvp-mode fwd" \
@@ -50,6 +53,8 @@ COMPILE_MODES=${COMPILE_MODES:-pieces}
 TRAIN_ARGS=${TRAIN_ARGS:-}
 PROFILE_ARGS=${PROFILE_ARGS:---conv fastest}
 PROFILE_S=${PROFILE_S:-90}
+LOOP_ARGS=${LOOP_ARGS:-}
+LOOP_S=${LOOP_S:-240}
 DEVICE=${DEVICE:-cuda}
 STEP_ARGS=${STEP_ARGS:---repeats 20}
 FIG2B_ARGS=${FIG2B_ARGS:---meta-batch 32 --time-cap 5 --repeats 2}
@@ -82,6 +87,11 @@ fi
 if on compile && [ "$COMPILE_S" -gt 0 ]; then
   stage "torch.compile of the meta-step (compiled, and compiled inside the CUDA graph)"
   (cd benchmarks && timeout "$COMPILE_S" $PY gpu_step.py $STEP_ARGS --compile $COMPILE_MODES --out "$OUT")
+fi
+
+if on loop; then
+  stage "the training loop's cost beyond the meta-step: $LOOP_ARGS"
+  (cd benchmarks && timeout "$LOOP_S" $PY train_overhead.py --device "$DEVICE" $LOOP_ARGS --out "$OUT")
 fi
 
 if on fig2b; then

@@ -18,5 +18,6 @@ $PY conv_layouts.py
 $PY cpu_variants.py
 $PY cpu_variants.py --solver minres
 $PY float32_sensitivity.py
+$PY train_overhead.py
 $PY fig2b_cost.py
 $PY fig2a_accuracy.py

@@ -83,3 +83,22 @@ def test_cuda_graph_with_unfold_convolutions_equals_eager():
         ref, _ = alg.meta_grad(theta, b)
         assert rel(mean, ref) < 1e-5
     assert step.replays == 2
+
+
+@cuda
+def test_training_one_step_behind_on_cuda_equals_in_order(tmp_path, monkeypatch):
+    """On CUDA the loop queues step t + 1 before it reads step t (pinned, asynchronous
+    copies); reading each step in order gives the same run."""
+    import imaml.train as tr
+    from imaml.config import from_preset
+
+    cfg = from_preset("sinusoid").replace(
+        meta_steps=6, meta_batch=8, val_every=3, val_tasks=8, device="cuda", dtype="float64"
+    )
+    params = {}
+    for behind in (True, False):
+        monkeypatch.setattr(tr, "reads_one_step_behind", lambda device, b=behind: b)
+        s = tr.meta_train(cfg, tmp_path / str(behind), progress=False, final_test=False)
+        assert s["step"] == 6
+        params[behind] = torch.load(tmp_path / str(behind) / "last.pt", weights_only=True)["params"]
+    assert rel(params[True], params[False]) < 1e-12

@@ -355,6 +355,7 @@ BENCHMARKS = (
     "profile_step",
     "cpu_variants",
     "float32_sensitivity",
+    "train_overhead",
     "gpu_step",
     "gpu_profile",
     "distributed_throughput",

@@ -18,12 +18,14 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import distributed
-from .algorithms import make_algorithm
+from .algorithms import TaskBatch, make_algorithm
 from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from .config import RUNTIME_FIELDS, Config, ConfigError
 from .cuda_graph import MetaStep
@@ -61,10 +63,15 @@ def setup_runtime(cfg: Config) -> tuple[torch.device, torch.dtype]:
 
 def summarize(stats: dict[str, torch.Tensor]) -> dict[str, float]:
     """Means over the kept tasks of a meta-batch, maxima of the accuracy diagnostics, and the
-    fraction of tasks skipped for non-finite values.
+    fraction of tasks skipped for non-finite values (``summary_tensor``, copied to the host
+    in one transfer)."""
+    names, values = summary_tensor(stats)
+    return dict(zip(names, values.cpu().tolist(), strict=True))
 
-    Computed on the device and copied to the host in one transfer (one synchronisation per
-    meta-step instead of one per statistic)."""
+
+def summary_tensor(stats: dict[str, torch.Tensor]) -> tuple[list[str], torch.Tensor]:
+    """``summarize``'s names, and its values as one float64 tensor on the statistics'
+    device (computed there, without a host-device synchronisation)."""
     first = next(iter(stats.values()))
     skipped = stats.get("skipped", torch.zeros_like(first, dtype=torch.bool))
     kept = ~skipped
@@ -80,7 +87,45 @@ def summarize(stats: dict[str, torch.Tensor]) -> dict[str, float]:
             vmax = torch.where(kept, v, -torch.inf).max()
             names.append(k + "_max")
             values.append(torch.where(n_kept > 0, vmax, torch.nan))
-    return dict(zip(names, torch.stack(values).cpu().tolist(), strict=True))
+    return names, torch.stack(values)
+
+
+def _to_host(values: torch.Tensor) -> Callable[[], list[float]]:
+    """Start copying ``values`` to the host; the returned function waits for the copy and
+    gives the numbers. On CUDA the copy is asynchronous (pinned memory and an event), so
+    the host can queue the next meta-step before it waits for this one's numbers."""
+    if not values.is_cuda:
+        return values.tolist
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def read() -> list[float]:
+        done.synchronize()
+        return host.tolist()
+
+    return read
+
+
+def reads_one_step_behind(device: torch.device) -> bool:
+    """Whether training queues meta-step t + 1 before it reads step t's numbers: on CUDA,
+    where the device runs ahead of the host (a function, so tests can run the CPU that way)."""
+    return device.type == "cuda"
+
+
+@dataclass
+class _Launched:
+    """A meta-step whose meta-gradient is queued on the device; ``apply`` adds the outer
+    update and starts copying the step's statistics to the host."""
+
+    grads: dict[str, torch.Tensor]
+    stats: dict[str, torch.Tensor]
+    rng: torch.Tensor  # the task sampler's state after this step's batch (for last.pt)
+    t0: float
+    before: dict[str, torch.Tensor] | None = None  # the parameters before the update
+    names: list[str] | None = None
+    read: Callable[[], list[float]] | None = None
 
 
 def _trim_metrics(path: Path, step: int) -> None:
@@ -302,6 +347,7 @@ def _train(
         step, best = ckpt["step"], ckpt["best"]
         if d.main:
             _trim_metrics(out / "metrics.jsonl", step)
+    rng_now = task_gen.get_state()  # the task sampler's state after the last step read
     if d.main:  # rank 0 alone writes files
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
@@ -322,7 +368,7 @@ def _train(
         }
         if kind == "last":
             s["optimizer"] = opt.state_dict()
-            s["rng"] = {"tasks": task_gen.get_state()}
+            s["rng"] = {"tasks": rng_now}
         return s
 
     writer = None
@@ -356,6 +402,47 @@ def _train(
     skip_window: list[float] = []
     steps_this_run = 0
     stopped_by = None
+    # On CUDA the host queues meta-step t + 1 before it waits for step t's numbers (one
+    # step ahead), so sampling, logging and the copy of the statistics overlap the device's
+    # work; everything decided from step t's numbers (the finiteness check, the log,
+    # validation, checkpoints, stopping) still happens before step t + 1's outer update.
+    # On the CPU nothing overlaps, and each step is read before the next is sampled.
+    overlap = reads_one_step_behind(device)
+    paused = 0.0  # seconds of validation and checkpointing, not counted in step_time
+    last_ready = None
+
+    def can_launch(ahead: int) -> bool:
+        """Whether one more step may start, ``ahead`` steps being launched and not read."""
+        return step + ahead < cfg.meta_steps and (
+            max_steps_this_run is None or steps_this_run + ahead < max_steps_this_run
+        )
+
+    def launch(first: bool) -> _Launched:
+        t0 = time.perf_counter()
+        batch = families["train"].sample(cfg.meta_batch, generator=task_gen, dtype=dtype)
+        rng = task_gen.get_state()
+        if device.type == "cuda":  # from pinned memory: the copy does not wait for the device
+            batch = TaskBatch(*(t.pin_memory() for t in batch)).to(device, non_blocking=True)
+        else:
+            batch = batch.to(device)
+        if cfg.compile != "off" and first and progress:
+            bar.write(f"torch.compile ({cfg.compile}): compiling the meta-step (one-time)")
+        # this rank's share of the tasks; the mean meta-gradient over all ranks. A batch
+        # whose tasks are all skipped is refused when its numbers are read (below).
+        grads, stats = meta_step(params, d.take(batch), allow_empty=True)
+        grads = distributed.mean_over_ranks(d, grads, stats["skipped"])
+        stats = distributed.gather_tasks(d, stats)
+        return _Launched(grads, stats, rng, t0)
+
+    def apply(s: _Launched) -> None:
+        for k, p in params.items():
+            p.grad = s.grads[k]
+        s.before = {k: p.detach().clone() for k, p in params.items()}
+        opt.step()
+        finite = torch.stack([torch.isfinite(p).all() for p in params.values()]).all()
+        s.names, values = summary_tensor(s.stats)
+        s.read = _to_host(torch.cat([values, finite.double()[None]]))
+
     log = open(out / "metrics.jsonl" if d.main else os.devnull, "a")
     try:
         with (
@@ -369,93 +456,97 @@ def _train(
                 dynamic_ncols=True,
             ) as bar,
         ):
-            while step < cfg.meta_steps:
-                t0 = time.perf_counter()
-                batch = (
-                    families["train"]
-                    .sample(cfg.meta_batch, generator=task_gen, dtype=dtype)
-                    .to(device)
-                )
-                if cfg.compile != "off" and steps_this_run == 0 and progress:
-                    bar.write(f"torch.compile ({cfg.compile}): compiling the meta-step (one-time)")
-                # this rank's share of the tasks; the mean meta-gradient over all ranks
-                grads, stats = meta_step(params, d.take(batch), allow_empty=d.enabled)
-                grads = distributed.mean_over_ranks(d, grads, stats["skipped"])
-                stats = distributed.gather_tasks(d, stats)
-                for k, p in params.items():
-                    p.grad = grads[k]
-                before = {k: p.detach().clone() for k, p in params.items()}
-                opt.step()
-                finite = torch.stack([torch.isfinite(p).all() for p in params.values()]).all()
-                if not bool(finite):
-                    with torch.no_grad():  # never keep (or save) non-finite parameters
-                        for k, p in params.items():
-                            p.copy_(before[k])
-                    raise ValueError(
-                        f"step {step + 1}: the outer update made parameters non-finite; "
-                        f"last good checkpoint: {last_path} (try a lower --outer-lr)"
-                    )
-                step += 1
-                steps_this_run += 1
-                record = summarize(stats)
-                record["step_time"] = time.perf_counter() - t0
-                if step % cfg.log_every == 0 or step == cfg.meta_steps:
-                    log.write(json.dumps({"kind": "train", "step": step, **record}) + "\n")
-                    log.flush()
-                    if writer is not None:
-                        for k, v in record.items():
-                            writer.add_scalar(f"train/{k}", v, step)
-                skip_window.append(record["skipped_frac"])
-                if len(skip_window) >= 20 and sum(skip_window[-20:]) / 20 > cfg.max_skip_frac:
-                    save(last_path, "last")
-                    raise ValueError(
-                        f"step {step}: {100 * sum(skip_window[-20:]) / 20:.0f}% of tasks over the last 20 "
-                        f"meta-steps had a non-finite loss or meta-gradient (limit --max-skip-frac "
-                        f"{cfg.max_skip_frac}); lower --inner-lr or check the data. Checkpoint: {last_path}"
-                    )
-                shown = {"loss": f"{record['query_loss']:.3f}"}
-                if "query_accuracy" in record:
-                    shown["acc"] = f"{record['query_accuracy']:.3f}"
-                if best["mean"] is not None:
-                    shown["val"] = f"{best['mean']:.3f}"
-                shown["|∇G|"] = f"{record['inner_grad_norm']:.2g}"  # inner accuracy (Theorem 1's δ)
-                if "solver_residual" in record:
-                    shown["res"] = f"{record['solver_residual']:.2g}"
-                    shown["neg"] = f"{record['negative_curvature_frac']:.2f}"
-                if "lam" in record:
-                    shown["λ"] = f"{record['lam']:.3g}"
-                bar.set_postfix(shown, refresh=False)
-                bar.update(1)
-                if step % cfg.val_every == 0 or step == cfg.meta_steps:
-                    val = validate_now()
-                    if val is not None:
-                        log.write(json.dumps({"kind": "val", "step": step, **val}) + "\n")
+            pending: _Launched | None = None  # launched and updated, its numbers not read
+            while True:
+                nxt = None
+                if (overlap or pending is None) and can_launch(pending is not None):
+                    nxt = launch(first=steps_this_run == 0 and pending is None)
+                if pending is not None:
+                    s, pending = pending, None
+                    *values, finite = s.read()
+                    ready = time.perf_counter()
+                    record = dict(zip(s.names, values, strict=True))
+                    step += 1
+                    steps_this_run += 1
+                    rng_now = s.rng
+                    if not finite or record["skipped_frac"] == 1.0:
+                        with torch.no_grad():  # never keep (or save) non-finite parameters
+                            for k, p in params.items():
+                                p.copy_(s.before[k])
+                        if finite:
+                            alg.check_not_all_skipped(s.stats)  # raises, with the reason
+                        raise ValueError(
+                            f"step {step}: the outer update made parameters non-finite; "
+                            f"last good checkpoint: {last_path} (try a lower --outer-lr)"
+                        )
+                    start = s.t0 if last_ready is None else last_ready + paused
+                    record["step_time"] = ready - start
+                    last_ready, paused = ready, 0.0
+                    if step % cfg.log_every == 0 or step == cfg.meta_steps:
+                        log.write(json.dumps({"kind": "train", "step": step, **record}) + "\n")
                         log.flush()
                         if writer is not None:
-                            writer.add_scalar(f"val/{metric}", val["mean"], step)
-                        better = best["mean"] is None or (
-                            val["mean"] > best["mean"] if higher else val["mean"] < best["mean"]
+                            for k, v in record.items():
+                                writer.add_scalar(f"train/{k}", v, step)
+                    skip_window.append(record["skipped_frac"])
+                    if len(skip_window) >= 20 and sum(skip_window[-20:]) / 20 > cfg.max_skip_frac:
+                        save(last_path, "last")
+                        raise ValueError(
+                            f"step {step}: {100 * sum(skip_window[-20:]) / 20:.0f}% of tasks over the last 20 "
+                            f"meta-steps had a non-finite loss or meta-gradient (limit --max-skip-frac "
+                            f"{cfg.max_skip_frac}); lower --inner-lr or check the data. Checkpoint: {last_path}"
                         )
-                        if better:
-                            best = {"step": step, "mean": val["mean"], "ci95": val["ci95"]}
-                            save(best_path, "best")
-                elapsed = time.perf_counter() - t_start
-                # every rank must stop at the same step: agree on the reasons (max over ranks)
-                signal_seen, out_of_time, at_limit = d.any(
-                    stop.signal is not None,
-                    time_budget_s is not None and elapsed >= time_budget_s,
-                    max_steps_this_run is not None and steps_this_run >= max_steps_this_run,
-                )
-                if signal_seen:
-                    stopped_by = stop.signal or "a signal to another rank"
-                elif out_of_time:
-                    stopped_by = "time budget"
-                elif at_limit:
-                    stopped_by = "step limit"
-                if stopped_by or step % cfg.checkpoint_every == 0 or step == cfg.meta_steps:
-                    save(last_path, "last")
-                if stopped_by:
+                    shown = {"loss": f"{record['query_loss']:.3f}"}
+                    if "query_accuracy" in record:
+                        shown["acc"] = f"{record['query_accuracy']:.3f}"
+                    if best["mean"] is not None:
+                        shown["val"] = f"{best['mean']:.3f}"
+                    shown["|∇G|"] = f"{record['inner_grad_norm']:.2g}"  # Theorem 1's δ
+                    if "solver_residual" in record:
+                        shown["res"] = f"{record['solver_residual']:.2g}"
+                        shown["neg"] = f"{record['negative_curvature_frac']:.2f}"
+                    if "lam" in record:
+                        shown["λ"] = f"{record['lam']:.3g}"
+                    bar.set_postfix(shown, refresh=False)
+                    bar.update(1)
+                    t_pause = time.perf_counter()
+                    if step % cfg.val_every == 0 or step == cfg.meta_steps:
+                        val = validate_now()
+                        if val is not None:
+                            log.write(json.dumps({"kind": "val", "step": step, **val}) + "\n")
+                            log.flush()
+                            if writer is not None:
+                                writer.add_scalar(f"val/{metric}", val["mean"], step)
+                            better = best["mean"] is None or (
+                                val["mean"] > best["mean"] if higher else val["mean"] < best["mean"]
+                            )
+                            if better:
+                                best = {"step": step, "mean": val["mean"], "ci95": val["ci95"]}
+                                save(best_path, "best")
+                    elapsed = time.perf_counter() - t_start
+                    # every rank must stop at the same step: agree on the reasons (max over ranks)
+                    signal_seen, out_of_time, at_limit = d.any(
+                        stop.signal is not None,
+                        time_budget_s is not None and elapsed >= time_budget_s,
+                        max_steps_this_run is not None and steps_this_run >= max_steps_this_run,
+                    )
+                    if signal_seen:
+                        stopped_by = stop.signal or "a signal to another rank"
+                    elif out_of_time:
+                        stopped_by = "time budget"
+                    elif at_limit:
+                        stopped_by = "step limit"
+                    if stopped_by or step % cfg.checkpoint_every == 0 or step == cfg.meta_steps:
+                        save(last_path, "last")  # a launched next step is dropped, unapplied
+                    paused = time.perf_counter() - t_pause
+                    if stopped_by:
+                        break
+                    if nxt is None and can_launch(0):
+                        nxt = launch(first=False)
+                if nxt is None:
                     break
+                apply(nxt)
+                pending = nxt
     finally:
         log.close()
         if writer is not None:
