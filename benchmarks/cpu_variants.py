@@ -16,6 +16,18 @@ fresh process:
 - ``bf16``: network and images in bfloat16 (this CPU has AVX512-BF16).
 - ``autocast-bf16``: ``torch.autocast("cpu", torch.bfloat16)`` around the float32 step.
 
+What else was tried on the compiled pieces (``--variants`` picks; each from its own empty
+inductor cache; not in the default set):
+
+- ``pieces-channels-last``: inductor's layout optimisation forced
+  (``force_layout_optimization``; it skips vmap's grouped convolutions by default);
+- ``pieces-hvp-fwd``: forward-over-reverse Hessian-vector products;
+- ``pieces-unfold-first``: the first convolution (one input channel: under vmap a
+  depthwise grouped convolution) as im2col and a batched matrix product;
+- ``pieces-solve``: the solver loop compiled too, as a fourth piece that linearises the
+  gradient once per task and runs the 5 solver steps under vmap (what the whole compiled
+  step does), instead of one compiled product per solver step that recomputes the gradient.
+
 For each: median seconds per meta-step, peak RSS, and the relative distance of the
 mean meta-gradient to the float64 one. Writes docs/benchmarks/cpu_variants.{json,png}.
 
@@ -46,12 +58,56 @@ VARIANTS = (
     "bf16",
     "autocast-bf16",
 )
+PIECES_TRIED = (
+    "pieces-channels-last",
+    "pieces-hvp-fwd",
+    "pieces-unfold-first",
+    "pieces-solve",
+)
+
+
+def solve_piece_step(alg):
+    """The piecewise step with the solver loop compiled as a fourth piece (``pieces-solve``)."""
+    from torch.func import vmap
+
+    from imaml.implicit import solve_implicit
+    from imaml.inner import pull_back
+    from imaml.params import detach
+
+    wrap = lambda f: torch.compile(f, dynamic=False)
+    pieces = alg.pieces(wrap)
+
+    def one_task(phi, sx, sy, v):
+        hp = dict(lam=alg.lam, solver=alg.solver, steps=alg.cg_steps, tol=alg.cg_tol)
+        hp |= dict(cg_damping=alg.cg_damping, lam_damping=alg.lam_damping)
+        return solve_implicit(alg.loss_of(sx, sy), v, phi, **hp, hvp_mode=alg.hvp_mode)[:2]
+
+    def solve_all(phi, sx, sy, v):
+        return vmap(one_task)(phi, sx, sy, v)
+
+    solve_all = wrap(solve_all)
+
+    def step(params, batch):
+        theta = alg.pack(detach(params))
+        sx, sy, qx, qy = batch
+        phi = {k: v.expand(batch.num_tasks, *v.shape).clone() for k, v in theta.items()}
+        for _ in range(alg.inner_steps):
+            phi = pieces.inner_step(theta, phi, sx, sy)
+        phi = pull_back(phi, theta, lam=alg.lam, inner_lr=alg.inner_lr, variant=alg.variant)
+        v, stats, q_metrics = pieces.linearize(theta, phi, sx, sy, qx, qy)
+        x, info = solve_all(phi, sx, sy, v)
+        stats |= {f"solver_{k}": info[k] for k in ("residual", "iterations")} | q_metrics
+        return alg.mean_over_tasks(x, stats)
+
+    return step
 
 
 def run_one(variant: str, args) -> dict:
+    from torch._inductor import config as inductor_config
+
     from imaml import TaskBatch
     from imaml.cuda_graph import MetaStep
-    from imaml.models import OmniglotConvNet
+    from imaml.models import Conv2d, OmniglotConvNet
     from imaml.params import norm, sub
 
     torch.set_flush_denormal(True)
@@ -59,12 +115,17 @@ def run_one(variant: str, args) -> dict:
     model = OmniglotConvNet(5, generator=g)
     batch = data(args.tasks, args.queries, g)
 
-    def step_for(dtype, compile="off"):
+    def step_for(dtype, compile="off", **kw):
         m = copy.deepcopy(model).to(dtype)
-        alg = peer_algorithm(m, solver=args.solver)
+        if variant == "pieces-unfold-first" and dtype == torch.float32:
+            next(c for c in m.modules() if isinstance(c, Conv2d)).impl = "unfold"
+        alg = peer_algorithm(m, solver=args.solver, **kw)
         params = {k: v.detach() for k, v in m.named_parameters()}
         b = TaskBatch(batch.support_x.to(dtype), batch[1], batch.query_x.to(dtype), batch[3])
-        step = MetaStep(alg, compile=compile)
+        if variant == "pieces-solve" and dtype == torch.float32:
+            step = solve_piece_step(alg)
+        else:
+            step = MetaStep(alg, compile=compile)
         return lambda: step(params, b)[0]
 
     reference = step_for(torch.float64)()
@@ -79,16 +140,21 @@ def run_one(variant: str, args) -> dict:
                 return plain()
     else:
         mode = {"compiled": "step", "pieces": "pieces"}.get(variant.split("-")[0], "off")
-        fn = step_for(torch.float32, compile=mode)
+        fn = step_for(
+            torch.float32, compile=mode, **({"hvp_mode": "fwd"} if "fwd" in variant else {})
+        )
+    force = {"force_layout_optimization": variant == "pieces-channels-last"}
     try:
         t0 = time.perf_counter()
-        out = fn()
+        with inductor_config.patch(force):
+            out = fn()
         row["first_call_s"] = time.perf_counter() - t0
     except Exception as e:  # measured, not guessed: record what happens
         row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
         return row
     row["rel_to_float64"] = float(norm(sub(out, reference)) / norm(reference))  # in float64
-    row.update(timeit(fn, repeats=args.repeats, warmup=0))
+    with inductor_config.patch(force):
+        row.update(timeit(fn, repeats=args.repeats, warmup=0))
     row["peak_rss_mib"] = peak_rss_mib()
     return row
 
@@ -111,7 +177,7 @@ def plot(rows: list[dict], solver: str, path) -> None:
     ax.set_xlabel("seconds per meta-step (2 CPU cores)")
     ax.set_xlim(0, max(r["median_s"] for r in ok) * 1.9)
     ax.set_title(
-        f"omniglot-5w1s iMAML meta-step, meta-batch 32, 16 inner steps, 5 {solver.upper()} steps",
+        f"omniglot-5w1s iMAML meta-step, meta-batch 32,\n16 inner steps, 5 {solver.upper()} steps",
         fontsize=9,
     )
     fig.tight_layout()
@@ -129,16 +195,28 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--solver", choices=("cg", "minres"), default="cg", help="cg (as in peers.py) or minres"
     )
-    ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS + PIECES_TRIED,
+        default=list(VARIANTS),
+        help="which variants (default: all but the pieces experiments: "
+        + " ".join(PIECES_TRIED)
+        + ")",
+    )
+    ap.add_argument("--name", help="output name (default cpu_variants[_SOLVER])")
+    ap.add_argument("--variant", choices=VARIANTS + PIECES_TRIED, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.variant:
         print(json.dumps(run_one(args.variant, args)))
         return 0
     rows = []
     with tempfile.TemporaryDirectory() as cache:
-        for variant in VARIANTS:
-            # cold, then warm; the whole step and the pieces each start from an empty cache
-            family = os.path.join(cache, variant.split("-")[0])
+        for variant in args.variants:
+            # cold, then warm; the whole step and the pieces each start from an empty cache,
+            # and so does each of the pieces experiments
+            cold_warm = variant.endswith(("-cold", "-warm"))
+            family = os.path.join(cache, variant.split("-")[0] if cold_warm else variant)
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": family}
             cmd = [sys.executable, __file__, "--variant", variant]
             cmd += ["--repeats", str(args.repeats), "--tasks", str(args.tasks)]
@@ -161,7 +239,7 @@ def main(argv=None) -> int:
             r["speedup_over_eager"] = eager["median_s"] / r["median_s"]
     cfg = vars(args) | {"lam": LAM, "inner_steps": STEPS, "inner_lr": LR, "cg_steps": CG}
     cfg |= {"n_way": 5, "k_shot": 1, "threads": torch.get_num_threads()}
-    name = "cpu_variants" if args.solver == "cg" else f"cpu_variants_{args.solver}"
+    name = args.name or ("cpu_variants" if args.solver == "cg" else f"cpu_variants_{args.solver}")
     write(name, {"config": cfg, "rows": rows})
     plot(rows, args.solver, OUT / f"{name}.png")
     return 0
