@@ -20,7 +20,9 @@ What else was tried on the compiled pieces (``--variants`` picks; each from its 
 inductor cache; not in the default set):
 
 - ``pieces-channels-last``: inductor's layout optimisation forced
-  (``force_layout_optimization``; it skips vmap's grouped convolutions by default);
+  (``force_layout_optimization``, as ``gpu_step.py --compile-layout channels-last`` on
+  CUDA, where inductor skips vmap's grouped convolutions; with oneDNN on the CPU it is
+  already on, so this row is a control: the same meta-gradient, the same speed);
 - ``pieces-hvp-fwd``: forward-over-reverse Hessian-vector products;
 - ``pieces-unfold-first``: the first convolution (one input channel: under vmap a
   depthwise grouped convolution) as im2col and a batched matrix product;

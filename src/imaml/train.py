@@ -61,17 +61,11 @@ def setup_runtime(cfg: Config) -> tuple[torch.device, torch.dtype]:
     return device, getattr(torch, cfg.dtype)
 
 
-def summarize(stats: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Means over the kept tasks of a meta-batch, maxima of the accuracy diagnostics, and the
-    fraction of tasks skipped for non-finite values (``summary_tensor``, copied to the host
-    in one transfer)."""
-    names, values = summary_tensor(stats)
-    return dict(zip(names, values.cpu().tolist(), strict=True))
-
-
 def summary_tensor(stats: dict[str, torch.Tensor]) -> tuple[list[str], torch.Tensor]:
-    """``summarize``'s names, and its values as one float64 tensor on the statistics'
-    device (computed there, without a host-device synchronisation)."""
+    """Means over the kept tasks of a meta-batch, maxima of the accuracy diagnostics, and the
+    fraction of tasks skipped for non-finite values: their names, and their values as one
+    float64 tensor on the statistics' device, computed there (no host-device
+    synchronisation) so that the host reads them in one transfer."""
     first = next(iter(stats.values()))
     skipped = stats.get("skipped", torch.zeros_like(first, dtype=torch.bool))
     kept = ~skipped
