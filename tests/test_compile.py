@@ -5,6 +5,7 @@ models here are small MLPs and the inner loop short; the property tested is that
 compiled step computes the eager step's numbers.
 """
 
+import json
 import shutil
 
 import pytest
@@ -117,3 +118,99 @@ def test_cli_without_a_working_compiler_is_one_line_and_exit_2(tmp_path):
     assert len(err) == 1 and "torch.compile of the meta-step failed" in err[0]
     assert "run without --compile" in err[0]
     assert not (tmp_path / "run" / "last.pt").exists()  # nothing half-written
+
+
+# -- --compile auto -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("algo", "kw", "device", "steps", "expected"),
+    [
+        ("imaml", {}, "cuda", 5000, "pieces"),  # long enough to repay ~70 s of compiling
+        ("imaml", {}, "cuda:1", 20000, "pieces"),
+        ("imaml", {}, "cuda", 4999, "off"),
+        ("imaml", {}, "cpu", 20000, "off"),  # on the CPU it is asked for, not assumed
+        ("imaml", {"inner_solver": "adam"}, "cuda", 20000, "off"),  # pieces do not apply
+        ("imaml", {"batched": False}, "cuda", 20000, "off"),
+        ("maml", {}, "cuda", 20000, "off"),
+    ],
+)
+def test_compile_auto_picks_the_pieces_where_they_apply_and_pay(algo, kw, device, steps, expected):
+    from imaml.cuda_graph import AUTO_COMPILE_MIN_STEPS, auto_compile
+
+    assert AUTO_COMPILE_MIN_STEPS == 5000
+    model, _, _ = _setup(torch.float32)
+    alg = make_algorithm(algo, model=model, loss="mse", **kw)
+    assert auto_compile(alg, device, steps=steps) == expected
+
+
+def test_a_failed_compile_with_fallback_warns_once_and_runs_uncompiled(monkeypatch):
+    model, theta, batch = _setup(torch.float64)
+    alg = make_algorithm("imaml", model=model, loss="mse", inner_steps=2, cg_steps=2)
+    step = MetaStep(alg, compile="pieces", fallback=True)
+
+    def broken(params, batch):
+        raise torch._dynamo.exc.TorchDynamoException("no working C++ compiler found")
+
+    monkeypatch.setattr(step, "step", broken)
+    with pytest.warns(RuntimeWarning, match=r"torch.compile \(pieces\).*running it uncompiled"):
+        g, _ = step(theta, batch)
+    assert step.compile == "off" and "no working C++ compiler" in step.compile_error
+    want, _ = alg.meta_grad_tensors(theta, batch)
+    assert all(torch.equal(g[k], want[k]) for k in want)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        step(theta, batch)
+    # an error that is not a failed compilation is not absorbed
+    step2 = MetaStep(alg, compile="pieces", fallback=True)
+    monkeypatch.setattr(step2, "step", lambda p, b: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        step2(theta, batch)
+
+
+def test_training_defaults_to_compile_auto_which_is_off_on_the_cpu(tmp_path):
+    from imaml.train import meta_train
+
+    cfg = from_preset("sinusoid", meta_steps=2, val_tasks=0)
+    assert cfg.compile == "auto"
+    s = meta_train(cfg, tmp_path / "r", progress=False, final_test=False)
+    assert s["compile"] == {"mode": "off", "fallback": None}
+    assert load_checkpoint(tmp_path / "r" / "last.pt")["config"]["compile"] == "auto"
+
+
+def test_compile_auto_survives_a_missing_compiler(tmp_path):
+    """A real failure under auto (made to choose the pieces on the CPU): a warning, and the
+    run trains uncompiled to the same parameters as --compile off."""
+    import os
+    import subprocess
+    import sys
+
+    from imaml.train import meta_train
+
+    code = (
+        "import json, sys\n"
+        "import imaml.train as tr\n"
+        "from imaml.config import from_preset\n"
+        "tr.auto_compile = lambda alg, device, steps: 'pieces'\n"
+        "cfg = from_preset('sinusoid', meta_steps=3, val_tasks=0)\n"
+        "s = tr.meta_train(cfg, sys.argv[1], progress=False, final_test=False)\n"
+        "print(json.dumps(s['compile']))\n"
+    )
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-g++")}
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "cache")  # nothing compiled to reuse
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "auto")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["mode"] == "pieces" and report["fallback"]
+    assert "running it uncompiled" in out.stderr
+    cfg = from_preset("sinusoid", meta_steps=3, val_tasks=0, compile="off")
+    meta_train(cfg, tmp_path / "off", progress=False, final_test=False)
+    a, b = (load_checkpoint(tmp_path / x / "last.pt")["params"] for x in ("auto", "off"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

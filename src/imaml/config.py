@@ -97,7 +97,7 @@ class Config:
     flat: str = "auto"  # auto | on | off: the network's tensors as one vector (auto: CUDA)
     task_chunk: int | None = None  # vmap over this many tasks at a time (bounds memory)
     cuda_graph: str = "auto"  # auto | on | off: replay the meta-step as a CUDA graph
-    compile: str = "off"  # off | step | pieces: torch.compile the meta-step (imaml.cuda_graph)
+    compile: str = "auto"  # auto | off | step | pieces: torch.compile the meta-step (cuda_graph)
     cpu_malloc: str = "keep"  # keep | system: glibc keeps freed memory for reuse (imaml.malloc)
 
     def __post_init__(self):
@@ -235,7 +235,7 @@ def validate(cfg: Config) -> None:
     _choice(cfg, "cuda_graph", ("auto", "on", "off"))
     _choice(cfg, "flat", ("auto", "on", "off"))
     _choice(cfg, "cpu_malloc", ("keep", "system"))
-    _choice(cfg, "compile", ("off", "step", "pieces"))
+    _choice(cfg, "compile", ("auto", "off", "step", "pieces"))
     for name in ("cuda_graph", "compile"):
         if getattr(cfg, name) in ("on", "step", "pieces") and not cfg.batched:
             raise ConfigError(f"{name} needs the batched path (drop --no-batched)")

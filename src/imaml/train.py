@@ -28,7 +28,7 @@ from . import distributed
 from .algorithms import TaskBatch, make_algorithm
 from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from .config import RUNTIME_FIELDS, Config, ConfigError
-from .cuda_graph import MetaStep
+from .cuda_graph import MetaStep, auto_compile
 from .data import make_task_families
 from .data.omniglot import _writable
 from .evaluate import evaluate
@@ -325,8 +325,6 @@ def _train(
     )
     params = alg.meta_parameters(dict(model.named_parameters()))  # with log λ when learned
     opt = torch.optim.Adam(params.values(), lr=cfg.outer_lr, eps=cfg.adam_eps)
-    # CUDA graph replay where it applies; torch.compile when asked
-    meta_step = MetaStep(alg, mode=cfg.cuda_graph, compile=cfg.compile)
     task_gen = torch.Generator().manual_seed(cfg.seed + TASK_STREAM)
     metric = families["train"].metric
     higher = HIGHER_IS_BETTER[metric]
@@ -342,6 +340,14 @@ def _train(
         if d.main:
             _trim_metrics(out / "metrics.jsonl", step)
     rng_now = task_gen.get_state()  # the task sampler's state after the last step read
+    # CUDA graph replay where it applies; torch.compile when asked, or (auto) where it pays
+    # for the steps left
+    compile_mode = cfg.compile
+    if compile_mode == "auto":
+        compile_mode = auto_compile(alg, device, steps=cfg.meta_steps - step)
+    meta_step = MetaStep(
+        alg, mode=cfg.cuda_graph, compile=compile_mode, fallback=cfg.compile == "auto"
+    )
     if d.main:  # rank 0 alone writes files
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
@@ -419,8 +425,9 @@ def _train(
             batch = TaskBatch(*(t.pin_memory() for t in batch)).to(device, non_blocking=True)
         else:
             batch = batch.to(device)
-        if cfg.compile != "off" and first and progress:
-            bar.write(f"torch.compile ({cfg.compile}): compiling the meta-step (one-time)")
+        if compile_mode != "off" and first and progress:
+            why = ", chosen by --compile auto" if cfg.compile == "auto" else ""
+            bar.write(f"torch.compile ({compile_mode}{why}): compiling the meta-step (one-time)")
         # this rank's share of the tasks; the mean meta-gradient over all ranks. A batch
         # whose tasks are all skipped is refused when its numbers are read (below).
         grads, stats = meta_step(params, d.take(batch), allow_empty=True)
@@ -553,6 +560,7 @@ def _train(
         "seconds_per_step": elapsed / max(steps_this_run, 1),
         "stopped_by": stopped_by,
         "cuda_graph": {"replays": meta_step.replays, "fallback": meta_step.fallback_reason},
+        "compile": {"mode": compile_mode, "fallback": meta_step.compile_error},
         "best": best,
         "out": str(out),
     }
