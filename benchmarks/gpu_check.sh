@@ -7,7 +7,9 @@
 # more than 400 s on an H200 on 2026-11-27) within N seconds, gpu_step_compiled.json),
 # Figure 2(b) on the GPU, and an
 # omniglot-5w1s training run (the paper's schedule of up to 20,000 meta-steps, stopped by
-# a time budget) with a 600-task test evaluation. Without the compile stage: 400 s on an
+# a time budget) with a 600-task test evaluation. Since 2026-11-27 that run compiles the
+# pieces by default (imaml train's --compile auto on CUDA; ~45-85 s of the budget);
+# TRAIN_ARGS="--compile off" trains with the eager graph as the earlier loans did. Without the compile stage: 400 s on an
 # H100 with 220 s of training (2026-11-26). Every stage has its own time limit, so one
 # failing stage does not cost the others. Results go to $OUT (default
 # docs/benchmarks/gpu): log.txt, gpu_step.json, fig2b_cost_cuda.{json,png}, eval-600.json,

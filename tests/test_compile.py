@@ -214,3 +214,35 @@ def test_compile_auto_survives_a_missing_compiler(tmp_path):
     meta_train(cfg, tmp_path / "off", progress=False, final_test=False)
     a, b = (load_checkpoint(tmp_path / x / "last.pt")["params"] for x in ("auto", "off"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_under_fallback_a_compiled_step_the_graph_cannot_capture_is_captured_uncompiled(
+    monkeypatch,
+):
+    """On CUDA, compiled pieces run outside a graph are slower than the uncompiled graph,
+    so under fallback a failed capture of the compiled step drops the compilation, not the
+    graph. (The capture is simulated: this runs on the CPU.)"""
+    import imaml.cuda_graph as cg
+
+    model, theta, batch = _setup(torch.float64)
+    alg = make_algorithm("imaml", model=model, loss="mse", inner_steps=2, cg_steps=2)
+
+    class Capture:  # stands in for cg._Captured: only the uncompiled step can be captured
+        def __init__(self, step, params, batch, warmup):
+            if step != alg.meta_grad_tensors:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            self.step = step
+
+        def __call__(self, params, batch):
+            return self.step(params, batch)
+
+    monkeypatch.setattr(cg, "_Captured", Capture)
+    monkeypatch.setattr(cg.MetaStep, "applies", lambda self, params, batch: True)
+    step = MetaStep(alg, compile="pieces", fallback=True)
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture of the torch.compile"):
+        g, _ = step(theta, batch)
+    assert step.replays == 1 and step.fallback_reason is None and step.compile == "off"
+    want, _ = alg.meta_grad_tensors(theta, batch)
+    assert all(torch.equal(g[k], want[k]) for k in want)
+    # without fallback the capture failure is the graph's, handled as before
+    assert not MetaStep(alg, compile="pieces")._compile_failed(RuntimeError(), in_capture=True)

@@ -67,7 +67,7 @@ HELP = {
     "falls back to eager if capture fails)",
     "compile": "torch.compile the meta-step (inductor; needs a C++ compiler on CPU, Triton on "
     "CUDA): auto (default: pieces on CUDA for runs of 5,000 meta-steps or more where they "
-    "apply, otherwise off; a failed compilation then warns and runs uncompiled), off, step "
+    "apply, otherwise off; a failed compilation or graph capture then warns and runs uncompiled), off, step "
     "(a bare --compile: the whole step as one program; compiles for 5-8 minutes on 2 CPU "
     "cores for omniglot-5w1s, then 1.35-1.9x faster steps there) or pieces (iMAML with gd: "
     "one inner step, the query gradient and one Hessian-vector product, each compiled once "

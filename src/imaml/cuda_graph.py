@@ -33,8 +33,9 @@ graph (benchmarks/gpu_step.py).
 ``auto_compile`` is what ``--compile auto`` (training's default) picks: the pieces on CUDA
 for runs long enough to repay their compilation, nothing otherwise. With
 ``fallback=True`` (what ``auto`` uses) a compilation that fails (no Triton, no C++
-compiler) is a warning and the step runs uncompiled (``compile_error`` keeps the reason);
-a mode asked for explicitly fails loudly instead.
+compiler), or a graph capture of the compiled step that fails, is a warning and the step
+runs uncompiled, in the graph where it applies (``compile_error`` keeps the reason); a mode
+asked for explicitly fails loudly instead.
 """
 
 from __future__ import annotations
@@ -158,19 +159,18 @@ class MetaStep:
         self.compile_fallback = fallback  # a failed compilation: warn, run uncompiled
         self.compile_error: str | None = None
 
-    def _compile_failed(self, e: Exception) -> bool:
-        """Whether ``e`` was a failed compilation that ``fallback`` absorbs; if so the step
-        runs uncompiled from now on."""
-        if not (
-            self.compile_fallback
-            and self.compile != "off"
-            and isinstance(e, torch._dynamo.exc.TorchDynamoException)
-        ):
+    def _compile_failed(self, e: Exception, *, in_capture: bool = False) -> bool:
+        """Whether ``e`` is a failure of the compiled step that ``fallback`` absorbs (a failed
+        compilation; in a CUDA-graph capture, any failure: the uncompiled graph is faster
+        than compiled pieces run eager); if so the step runs uncompiled from now on."""
+        dynamo = isinstance(e, torch._dynamo.exc.TorchDynamoException)
+        if not (self.compile_fallback and self.compile != "off" and (dynamo or in_capture)):
             return False
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         self.compile_error = f"{type(e).__name__}: {first}"
+        what = "torch.compile" if dynamo else "CUDA graph capture of the torch.compile"
         warnings.warn(
-            f"torch.compile ({self.compile}) of the meta-step failed ({self.compile_error}); "
+            f"{what} ({self.compile}) of the meta-step failed ({self.compile_error}); "
             "running it uncompiled",
             RuntimeWarning,
             stacklevel=3,
@@ -207,7 +207,7 @@ class MetaStep:
             try:
                 captured = _Captured(self.step, params, batch, self.warmup)
             except Exception as e:  # an op that cannot be captured: eager from now on
-                if self._compile_failed(e):  # capture again, uncompiled
+                if self._compile_failed(e, in_capture=True):  # capture again, uncompiled
                     return self._graph(params, batch)
                 if self.mode == "on":
                     raise ValueError(f"CUDA graph capture of the meta-step failed: {e}") from e
