@@ -129,16 +129,18 @@ def test_cli_without_a_working_compiler_is_one_line_and_exit_2(tmp_path):
         ("imaml", {}, "cuda", 5000, "pieces"),  # long enough to repay ~70 s of compiling
         ("imaml", {}, "cuda:1", 20000, "pieces"),
         ("imaml", {}, "cuda", 4999, "off"),
-        ("imaml", {}, "cpu", 20000, "off"),  # on the CPU it is asked for, not assumed
+        ("imaml", {}, "cpu", 1000, "pieces"),  # 1.03 vs 1.27 s per step there
+        ("imaml", {}, "cpu", 999, "off"),
+        ("imaml", {}, "meta", 20000, "off"),  # a device type without a measured threshold
         ("imaml", {"inner_solver": "adam"}, "cuda", 20000, "off"),  # pieces do not apply
-        ("imaml", {"batched": False}, "cuda", 20000, "off"),
+        ("imaml", {"batched": False}, "cpu", 20000, "off"),
         ("maml", {}, "cuda", 20000, "off"),
     ],
 )
 def test_compile_auto_picks_the_pieces_where_they_apply_and_pay(algo, kw, device, steps, expected):
     from imaml.cuda_graph import AUTO_COMPILE_MIN_STEPS, auto_compile
 
-    assert AUTO_COMPILE_MIN_STEPS == 5000
+    assert AUTO_COMPILE_MIN_STEPS == {"cuda": 5000, "cpu": 1000}
     model, _, _ = _setup(torch.float32)
     alg = make_algorithm(algo, model=model, loss="mse", **kw)
     assert auto_compile(alg, device, steps=steps) == expected
@@ -170,7 +172,7 @@ def test_a_failed_compile_with_fallback_warns_once_and_runs_uncompiled(monkeypat
         step2(theta, batch)
 
 
-def test_training_defaults_to_compile_auto_which_is_off_on_the_cpu(tmp_path):
+def test_training_defaults_to_compile_auto_off_for_a_short_schedule(tmp_path):
     from imaml.train import meta_train
 
     cfg = from_preset("sinusoid", meta_steps=2, val_tasks=0)
@@ -178,6 +180,25 @@ def test_training_defaults_to_compile_auto_which_is_off_on_the_cpu(tmp_path):
     s = meta_train(cfg, tmp_path / "r", progress=False, final_test=False)
     assert s["compile"] == {"mode": "off", "fallback": None}
     assert load_checkpoint(tmp_path / "r" / "last.pt")["config"]["compile"] == "auto"
+
+
+@needs_cxx
+def test_compile_auto_chooses_by_the_whole_schedule_so_resume_is_exact(tmp_path, monkeypatch):
+    """A 1,000-step schedule compiles the pieces on the CPU; stopped after 2 steps and
+    resumed, the run makes the same choice and ends with the uninterrupted run's
+    parameters, bit for bit (run 3 steps of it: the schedule, not the steps done, decides)."""
+    import imaml.train as tr
+
+    cfg = from_preset("sinusoid", meta_steps=1000, val_tasks=0, val_every=1000, threads=1)
+    s = tr.meta_train(cfg, tmp_path / "a", progress=False, final_test=False, max_steps_this_run=3)
+    assert s["compile"] == {"mode": "pieces", "fallback": None}
+    tr.meta_train(cfg, tmp_path / "b", progress=False, final_test=False, max_steps_this_run=2)
+    s = tr.meta_train(
+        None, tmp_path / "b", resume=True, progress=False, final_test=False, max_steps_this_run=1
+    )
+    assert s["compile"]["mode"] == "pieces" and s["step"] == 3
+    a, b = (load_checkpoint(tmp_path / x / "last.pt")["params"] for x in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_compile_auto_survives_a_missing_compiler(tmp_path):

@@ -120,6 +120,8 @@ def test_a_killed_rank_ends_the_job_and_it_resumes(tmp_path):
         *SINUSOID,
         "--meta-steps",
         "100000",
+        "--compile",
+        "off",  # a long schedule; the test is about a killed rank, not compiling
         "--val-tasks",
         "0",
         "--checkpoint-every",

@@ -299,6 +299,8 @@ def test_signal_checkpoints_and_says_how_to_resume(tmp_path, sig):
             "sinusoid",
             "--meta-steps",
             "100000",
+            "--compile",
+            "off",  # a long schedule; the test is about signals, not compiling
             "--meta-batch",
             "4",
             "--out",

@@ -66,14 +66,15 @@ HELP = {
     "solve, query gradient) once as a CUDA graph and replay it (auto: when on CUDA and batched; "
     "falls back to eager if capture fails)",
     "compile": "torch.compile the meta-step (inductor; needs a C++ compiler on CPU, Triton on "
-    "CUDA): auto (default: pieces on CUDA for runs of 5,000 meta-steps or more where they "
-    "apply, otherwise off; a failed compilation or graph capture then warns and runs uncompiled), off, step "
-    "(a bare --compile: the whole step as one program; compiles for 5-8 minutes on 2 CPU "
-    "cores for omniglot-5w1s, then 1.35-1.9x faster steps there) or pieces (iMAML with gd: "
-    "one inner step, the query gradient and one Hessian-vector product, each compiled once "
-    "and reused by the loops; compiles in about 70-80 s on 2 CPU cores or an H200, and "
-    "halves the H200's meta-step); an explicit mode that fails to compile is an error. See "
-    "benchmarks/cpu_variants.py and benchmarks/gpu_step.py",
+    "CUDA): auto (default: pieces where they apply for schedules of 5,000 meta-steps or more "
+    "on CUDA, 1,000 or more on the CPU, where they repay their compilation; otherwise off; "
+    "a failed compilation or graph capture then warns and runs uncompiled), off, step (a "
+    "bare --compile: the whole step as one program; compiles for 5-8 minutes on 2 CPU cores "
+    "for omniglot-5w1s, then 1.35-1.9x faster steps there) or pieces (iMAML with gd: one "
+    "inner step, the query gradient and one Hessian-vector product, each compiled once and "
+    "reused by the loops; compiles in 70-80 s on 2 CPU cores or an H200; 1.24x faster "
+    "training steps on 2 CPU cores, and half the H200's meta-step); an explicit mode that "
+    "fails to compile is an error. See benchmarks/cpu_variants.py and benchmarks/gpu_step.py",
     "cpu_malloc": "keep (default) or system: on the CPU, let glibc's malloc keep freed memory "
     "for reuse, so the meta-step's large tensors are not page-faulted in afresh every step "
     "(same numbers; resident memory stays at its peak; benchmarks/peers.py); system: "

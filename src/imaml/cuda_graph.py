@@ -30,8 +30,8 @@ On CUDA either compiled step is what the graph captures; compiled pieces in the 
 measured 16.4–17.6 ms per omniglot-5w1s meta-step on an H200, against 32 ms for the eager
 graph (benchmarks/gpu_step.py).
 
-``auto_compile`` is what ``--compile auto`` (training's default) picks: the pieces on CUDA
-for runs long enough to repay their compilation, nothing otherwise. With
+``auto_compile`` is what ``--compile auto`` (training's default) picks: the pieces for
+schedules long enough to repay their compilation, nothing otherwise. With
 ``fallback=True`` (what ``auto`` uses) a compilation that fails (no Triton, no C++
 compiler), or a graph capture of the compiled step that fails, is a warning and the step
 runs uncompiled, in the graph where it applies (``compile_error`` keeps the reason); a mode
@@ -51,19 +51,22 @@ from .params import Params
 
 MODES = ("auto", "on", "off")
 COMPILE = ("off", "step", "pieces")  # torch.compile: not at all, the whole step, its pieces
-# --compile auto compiles the pieces on CUDA for runs of at least this many meta-steps: on
-# an H200 they cut the omniglot-5w1s step from 32 to 16.4-17.6 ms and compile in 43-84 s,
-# which ~15 ms per step repays after ~3,000-6,000 steps (2026-11-27)
-AUTO_COMPILE_MIN_STEPS = 5000
+# --compile auto compiles the pieces for a schedule of at least this many meta-steps, per
+# device type (2026-11-27, omniglot-5w1s): on an H200 they cut the step from 32 to
+# 16.4-17.6 ms and compile in 43-84 s, repaid after ~3,000-6,000 steps; on 2 CPU cores
+# training steps took 1.03 instead of 1.27 s after a 76 s compile, repaid after ~300 steps
+# (docs/benchmarks/train_pieces_vs_eager_cpu.json)
+AUTO_COMPILE_MIN_STEPS = {"cuda": 5000, "cpu": 1000}
 
 
 def auto_compile(alg: MetaAlgorithm, device: torch.device | str, *, steps: int) -> str:
-    """``--compile auto``: ``"pieces"`` on CUDA for a run of at least
-    ``AUTO_COMPILE_MIN_STEPS`` meta-steps where the pieces apply (iMAML, GD inner steps,
-    ``piecewise_unsupported``), else ``"off"``. Off on the CPU: there the pieces gain
-    1.2-1.5x per step for ~70 s of compiling and need a C++ compiler, so they are asked
-    for (``--compile pieces``), not assumed."""
-    if torch.device(device).type != "cuda" or steps < AUTO_COMPILE_MIN_STEPS:
+    """``--compile auto``: ``"pieces"`` for a schedule of at least
+    ``AUTO_COMPILE_MIN_STEPS[device type]`` meta-steps where the pieces apply (iMAML, GD
+    inner steps, ``piecewise_unsupported``), else ``"off"``. ``steps`` is the whole
+    schedule, not the steps left, so that a resumed run makes the uninterrupted run's
+    choice."""
+    least = AUTO_COMPILE_MIN_STEPS.get(torch.device(device).type)
+    if least is None or steps < least:
         return "off"
     if piecewise_unsupported(alg, algo=alg.name) is not None:
         return "off"
@@ -171,7 +174,7 @@ class MetaStep:
         what = "torch.compile" if dynamo else "CUDA graph capture of the torch.compile"
         warnings.warn(
             f"{what} ({self.compile}) of the meta-step failed ({self.compile_error}); "
-            "running it uncompiled",
+            "running it uncompiled (--compile off skips the attempt)",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -341,10 +341,10 @@ def _train(
             _trim_metrics(out / "metrics.jsonl", step)
     rng_now = task_gen.get_state()  # the task sampler's state after the last step read
     # CUDA graph replay where it applies; torch.compile when asked, or (auto) where it pays
-    # for the steps left
+    # over the schedule (the whole of it: a resumed run chooses as the uninterrupted one)
     compile_mode = cfg.compile
     if compile_mode == "auto":
-        compile_mode = auto_compile(alg, device, steps=cfg.meta_steps - step)
+        compile_mode = auto_compile(alg, device, steps=cfg.meta_steps)
     meta_step = MetaStep(
         alg, mode=cfg.cuda_graph, compile=compile_mode, fallback=cfg.compile == "auto"
     )
