@@ -30,8 +30,10 @@
 # or, NEXT (not yet run on a GPU): whether channels-last convolutions remove cuDNN's layout
 # transposes (27% of the compiled pieces' kernel time on an H200, 2026-11-27; two compiles
 # of 70-85 s each), and what the training loop adds to the compiled pieces, reading each
-# step in order and one step behind (the CUDA default since 2026-11-27):
-#   STAGES="device tests compile loop" COMPILE_S=400 LOOP_S=300 \
+# step in order and one step behind (the CUDA default since 2026-11-27); the stage limits
+# keep it under the device tool's 600 s per call (tests ~60 s, compile ~250 s, loop ~120 s
+# expected):
+#   STAGES="device tests compile loop" COMPILE_S=300 LOOP_S=180 \
 #   STEP_ARGS="--repeats 20 --compile-hvp fwd --compile-layout channels-last default" \
 #   LOOP_ARGS="--compile pieces --hvp-mode fwd" bash benchmarks/gpu_check.sh
 # or where the compiled pieces' time goes (PROFILE_ARGS go to gpu_profile.py; the pieces
