@@ -267,3 +267,25 @@ def test_under_fallback_a_compiled_step_the_graph_cannot_capture_is_captured_unc
     assert all(torch.equal(g[k], want[k]) for k in want)
     # without fallback the capture failure is the graph's, handled as before
     assert not MetaStep(alg, compile="pieces")._compile_failed(RuntimeError(), in_capture=True)
+
+
+def test_cli_compile_auto_without_a_compiler_warns_in_one_line_and_trains(tmp_path):
+    """The default on a long schedule, on a machine without a working C++ compiler: one
+    warning line, training goes on uncompiled, and the summary says so."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-g++")}
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "cache")  # nothing compiled to reuse
+    argv = ["train", "--preset", "sinusoid", "--meta-steps", "1000", "--time-budget", "0.02"]
+    argv += ["--val-tasks", "0", "--no-test", "--quiet", "--out", str(tmp_path / "run")]
+    out = subprocess.run(
+        [sys.executable, "-m", "imaml", *argv], capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    warned = [x for x in out.stderr.splitlines() if x.startswith("imaml: warning:")]
+    assert len(warned) == 1 and "running it uncompiled (--compile off" in warned[0]
+    assert "Traceback" not in out.stderr
+    assert "uncompiled after torch.compile pieces failed" in out.stdout
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] >= 1

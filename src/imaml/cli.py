@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from dataclasses import fields
 
 from .config import PRESET_NOTES, PRESETS, RUNTIME_FIELDS, Config, ConfigError, from_preset
@@ -286,9 +287,13 @@ def cmd_train(args) -> int:
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun, rank 0 reports
+    compiled = summary["compile"]
+    how = "" if compiled["mode"] == "off" else f", torch.compile {compiled['mode']}"
+    if compiled["fallback"]:
+        how = f", uncompiled after torch.compile {compiled['mode']} failed"
     print(
         f"{summary['step']}/{summary['meta_steps']} meta-steps in {summary['seconds']:.0f} s "
-        f"({summary['seconds_per_step']:.3f} s/step); run folder: {out}"
+        f"({summary['seconds_per_step']:.3f} s/step{how}); run folder: {out}"
     )
     if summary["stopped_by"]:
         print(
@@ -387,7 +392,18 @@ def cmd_plot(args) -> int:
     return 0
 
 
+_default_formatwarning = warnings.formatwarning
+
+
+def _formatwarning(message, category, filename, lineno, line=None) -> str:
+    """imaml's own warnings as one line, like its errors (others as Python shows them)."""
+    if f"{os.sep}imaml{os.sep}" in str(filename):
+        return f"imaml: warning: {message}\n"
+    return _default_formatwarning(message, category, filename, lineno, line)
+
+
 def main(argv=None) -> int:
+    warnings.formatwarning = _formatwarning
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = {
