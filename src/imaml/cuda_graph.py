@@ -73,6 +73,12 @@ def auto_compile(alg: MetaAlgorithm, device: torch.device | str, *, steps: int) 
     return "pieces"
 
 
+def _one_line(e: Exception) -> str:
+    """``Type: first line of the message`` (inductor's errors run to pages)."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 _WARMUP_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
@@ -169,8 +175,7 @@ class MetaStep:
         dynamo = isinstance(e, torch._dynamo.exc.TorchDynamoException)
         if not (self.compile_fallback and self.compile != "off" and (dynamo or in_capture)):
             return False
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        self.compile_error = f"{type(e).__name__}: {first}"
+        self.compile_error = _one_line(e)
         what = "torch.compile" if dynamo else "CUDA graph capture of the torch.compile"
         warnings.warn(
             f"{what} ({self.compile}) of the meta-step failed ({self.compile_error}); "
@@ -229,8 +234,6 @@ class MetaStep:
         except torch._dynamo.exc.TorchDynamoException as e:  # e.g. no C++ compiler / Triton
             if self._compile_failed(e):
                 return self.step(params, batch)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise ValueError(  # the CLI reports it in one line (exit 2)
-                f"torch.compile of the meta-step failed ({type(e).__name__}: {first}); "
-                "run without --compile"
+                f"torch.compile of the meta-step failed ({_one_line(e)}); run without --compile"
             ) from e

@@ -325,6 +325,14 @@ def _train(
     )
     params = alg.meta_parameters(dict(model.named_parameters()))  # with log λ when learned
     opt = torch.optim.Adam(params.values(), lr=cfg.outer_lr, eps=cfg.adam_eps)
+    # CUDA graph replay where it applies; torch.compile when asked, or (auto) where it pays
+    # over the schedule (the whole of it: a resumed run chooses as the uninterrupted one)
+    compile_mode = cfg.compile
+    if compile_mode == "auto":
+        compile_mode = auto_compile(alg, device, steps=cfg.meta_steps)
+    meta_step = MetaStep(
+        alg, mode=cfg.cuda_graph, compile=compile_mode, fallback=cfg.compile == "auto"
+    )
     task_gen = torch.Generator().manual_seed(cfg.seed + TASK_STREAM)
     metric = families["train"].metric
     higher = HIGHER_IS_BETTER[metric]
@@ -340,14 +348,6 @@ def _train(
         if d.main:
             _trim_metrics(out / "metrics.jsonl", step)
     rng_now = task_gen.get_state()  # the task sampler's state after the last step read
-    # CUDA graph replay where it applies; torch.compile when asked, or (auto) where it pays
-    # over the schedule (the whole of it: a resumed run chooses as the uninterrupted one)
-    compile_mode = cfg.compile
-    if compile_mode == "auto":
-        compile_mode = auto_compile(alg, device, steps=cfg.meta_steps)
-    meta_step = MetaStep(
-        alg, mode=cfg.cuda_graph, compile=compile_mode, fallback=cfg.compile == "auto"
-    )
     if d.main:  # rank 0 alone writes files
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
@@ -457,97 +457,92 @@ def _train(
                 dynamic_ncols=True,
             ) as bar,
         ):
-            pending: _Launched | None = None  # launched and updated, its numbers not read
-            while True:
-                nxt = None
-                if (overlap or pending is None) and can_launch(pending is not None):
-                    nxt = launch(first=steps_this_run == 0 and pending is None)
-                if pending is not None:
-                    s, pending = pending, None
-                    *values, finite = s.read()
-                    ready = time.perf_counter()
-                    record = dict(zip(s.names, values, strict=True))
-                    step += 1
-                    steps_this_run += 1
-                    rng_now = s.rng
-                    if not finite or record["skipped_frac"] == 1.0:
-                        with torch.no_grad():  # never keep (or save) non-finite parameters
-                            for k, p in params.items():
-                                p.copy_(s.before[k])
-                        if finite:
-                            alg.check_not_all_skipped(s.stats)  # raises, with the reason
-                        raise ValueError(
-                            f"step {step}: the outer update made parameters non-finite; "
-                            f"last good checkpoint: {last_path} (try a lower --outer-lr)"
-                        )
-                    start = s.t0 if last_ready is None else last_ready + paused
-                    record["step_time"] = ready - start
-                    last_ready, paused = ready, 0.0
-                    if step % cfg.log_every == 0 or step == cfg.meta_steps:
-                        log.write(json.dumps({"kind": "train", "step": step, **record}) + "\n")
+            nxt = launch(first=True) if can_launch(0) else None
+            while nxt is not None:
+                apply(nxt)
+                s, nxt = nxt, None
+                if overlap and can_launch(1):
+                    nxt = launch(first=False)  # queued before step s is read
+                *values, finite = s.read()
+                ready = time.perf_counter()
+                record = dict(zip(s.names, values, strict=True))
+                step += 1
+                steps_this_run += 1
+                rng_now = s.rng
+                if not finite or record["skipped_frac"] == 1.0:
+                    with torch.no_grad():  # never keep (or save) non-finite parameters
+                        for k, p in params.items():
+                            p.copy_(s.before[k])
+                    if finite:
+                        alg.check_not_all_skipped(s.stats)  # raises, with the reason
+                    raise ValueError(
+                        f"step {step}: the outer update made parameters non-finite; "
+                        f"last good checkpoint: {last_path} (try a lower --outer-lr)"
+                    )
+                start = s.t0 if last_ready is None else last_ready + paused
+                record["step_time"] = ready - start
+                last_ready, paused = ready, 0.0
+                if step % cfg.log_every == 0 or step == cfg.meta_steps:
+                    log.write(json.dumps({"kind": "train", "step": step, **record}) + "\n")
+                    log.flush()
+                    if writer is not None:
+                        for k, v in record.items():
+                            writer.add_scalar(f"train/{k}", v, step)
+                skip_window.append(record["skipped_frac"])
+                if len(skip_window) >= 20 and sum(skip_window[-20:]) / 20 > cfg.max_skip_frac:
+                    save(last_path, "last")
+                    raise ValueError(
+                        f"step {step}: {100 * sum(skip_window[-20:]) / 20:.0f}% of tasks over the last 20 "
+                        f"meta-steps had a non-finite loss or meta-gradient (limit --max-skip-frac "
+                        f"{cfg.max_skip_frac}); lower --inner-lr or check the data. Checkpoint: {last_path}"
+                    )
+                shown = {"loss": f"{record['query_loss']:.3f}"}
+                if "query_accuracy" in record:
+                    shown["acc"] = f"{record['query_accuracy']:.3f}"
+                if best["mean"] is not None:
+                    shown["val"] = f"{best['mean']:.3f}"
+                shown["|∇G|"] = f"{record['inner_grad_norm']:.2g}"  # Theorem 1's δ
+                if "solver_residual" in record:
+                    shown["res"] = f"{record['solver_residual']:.2g}"
+                    shown["neg"] = f"{record['negative_curvature_frac']:.2f}"
+                if "lam" in record:
+                    shown["λ"] = f"{record['lam']:.3g}"
+                bar.set_postfix(shown, refresh=False)
+                bar.update(1)
+                t_pause = time.perf_counter()
+                if step % cfg.val_every == 0 or step == cfg.meta_steps:
+                    val = validate_now()
+                    if val is not None:
+                        log.write(json.dumps({"kind": "val", "step": step, **val}) + "\n")
                         log.flush()
                         if writer is not None:
-                            for k, v in record.items():
-                                writer.add_scalar(f"train/{k}", v, step)
-                    skip_window.append(record["skipped_frac"])
-                    if len(skip_window) >= 20 and sum(skip_window[-20:]) / 20 > cfg.max_skip_frac:
-                        save(last_path, "last")
-                        raise ValueError(
-                            f"step {step}: {100 * sum(skip_window[-20:]) / 20:.0f}% of tasks over the last 20 "
-                            f"meta-steps had a non-finite loss or meta-gradient (limit --max-skip-frac "
-                            f"{cfg.max_skip_frac}); lower --inner-lr or check the data. Checkpoint: {last_path}"
+                            writer.add_scalar(f"val/{metric}", val["mean"], step)
+                        better = best["mean"] is None or (
+                            val["mean"] > best["mean"] if higher else val["mean"] < best["mean"]
                         )
-                    shown = {"loss": f"{record['query_loss']:.3f}"}
-                    if "query_accuracy" in record:
-                        shown["acc"] = f"{record['query_accuracy']:.3f}"
-                    if best["mean"] is not None:
-                        shown["val"] = f"{best['mean']:.3f}"
-                    shown["|∇G|"] = f"{record['inner_grad_norm']:.2g}"  # Theorem 1's δ
-                    if "solver_residual" in record:
-                        shown["res"] = f"{record['solver_residual']:.2g}"
-                        shown["neg"] = f"{record['negative_curvature_frac']:.2f}"
-                    if "lam" in record:
-                        shown["λ"] = f"{record['lam']:.3g}"
-                    bar.set_postfix(shown, refresh=False)
-                    bar.update(1)
-                    t_pause = time.perf_counter()
-                    if step % cfg.val_every == 0 or step == cfg.meta_steps:
-                        val = validate_now()
-                        if val is not None:
-                            log.write(json.dumps({"kind": "val", "step": step, **val}) + "\n")
-                            log.flush()
-                            if writer is not None:
-                                writer.add_scalar(f"val/{metric}", val["mean"], step)
-                            better = best["mean"] is None or (
-                                val["mean"] > best["mean"] if higher else val["mean"] < best["mean"]
-                            )
-                            if better:
-                                best = {"step": step, "mean": val["mean"], "ci95": val["ci95"]}
-                                save(best_path, "best")
-                    elapsed = time.perf_counter() - t_start
-                    # every rank must stop at the same step: agree on the reasons (max over ranks)
-                    signal_seen, out_of_time, at_limit = d.any(
-                        stop.signal is not None,
-                        time_budget_s is not None and elapsed >= time_budget_s,
-                        max_steps_this_run is not None and steps_this_run >= max_steps_this_run,
-                    )
-                    if signal_seen:
-                        stopped_by = stop.signal or "a signal to another rank"
-                    elif out_of_time:
-                        stopped_by = "time budget"
-                    elif at_limit:
-                        stopped_by = "step limit"
-                    if stopped_by or step % cfg.checkpoint_every == 0 or step == cfg.meta_steps:
-                        save(last_path, "last")  # a launched next step is dropped, unapplied
-                    paused = time.perf_counter() - t_pause
-                    if stopped_by:
-                        break
-                    if nxt is None and can_launch(0):
-                        nxt = launch(first=False)
-                if nxt is None:
-                    break
-                apply(nxt)
-                pending = nxt
+                        if better:
+                            best = {"step": step, "mean": val["mean"], "ci95": val["ci95"]}
+                            save(best_path, "best")
+                elapsed = time.perf_counter() - t_start
+                # every rank must stop at the same step: agree on the reasons (max over ranks)
+                signal_seen, out_of_time, at_limit = d.any(
+                    stop.signal is not None,
+                    time_budget_s is not None and elapsed >= time_budget_s,
+                    max_steps_this_run is not None and steps_this_run >= max_steps_this_run,
+                )
+                if signal_seen:
+                    stopped_by = stop.signal or "a signal to another rank"
+                elif out_of_time:
+                    stopped_by = "time budget"
+                elif at_limit:
+                    stopped_by = "step limit"
+                if stopped_by or step % cfg.checkpoint_every == 0 or step == cfg.meta_steps:
+                    save(last_path, "last")
+                paused = time.perf_counter() - t_pause
+                if stopped_by:
+                    break  # a step launched ahead is dropped, unapplied
+                if nxt is None and can_launch(0):
+                    nxt = launch(first=False)
     finally:
         log.close()
         if writer is not None:
