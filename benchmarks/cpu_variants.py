@@ -16,8 +16,8 @@ fresh process:
 - ``bf16``: network and images in bfloat16 (this CPU has AVX512-BF16).
 - ``autocast-bf16``: ``torch.autocast("cpu", torch.bfloat16)`` around the float32 step.
 
-What else was tried on the compiled pieces (``--variants`` picks; each from its own empty
-inductor cache; not in the default set):
+What else was tried, mostly on the compiled pieces (``--variants`` picks; each from its
+own empty inductor cache; not in the default set):
 
 - ``pieces-channels-last``: inductor's layout optimisation forced
   (``force_layout_optimization``, as ``gpu_step.py --compile-layout channels-last`` on
@@ -28,7 +28,12 @@ inductor cache; not in the default set):
   depthwise grouped convolution) as im2col and a batched matrix product;
 - ``pieces-solve``: the solver loop compiled too, as a fourth piece that linearises the
   gradient once per task and runs the 5 solver steps under vmap (what the whole compiled
-  step does), instead of one compiled product per solver step that recomputes the gradient.
+  step does), instead of one compiled product per solver step that recomputes the gradient;
+- ``threads``: the eager step, its meta-batch split over two Python threads with one
+  intra-op thread and a copy of the network each (PyTorch's element-wise kernels leave a core idle on tensors under
+  their parallel grain size; two processes, ``distributed_throughput.py``, gain that way);
+- ``pieces-threads``: the same with compiled pieces, compiled with one intra-op thread
+  and inductor's ``cpp_wrapper`` (its Python wrapper holds the GIL through every kernel).
 
 For each: median seconds per meta-step, peak RSS, and the relative distance of the
 mean meta-gradient to the float64 one. Writes docs/benchmarks/cpu_variants.{json,png}.
@@ -44,6 +49,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -65,7 +71,59 @@ PIECES_TRIED = (
     "pieces-hvp-fwd",
     "pieces-unfold-first",
     "pieces-solve",
+    "threads",
+    "pieces-threads",
 )
+
+
+def threads_step(steps, params, batch):
+    """The meta-batch split over Python threads, one per step of ``steps``, each running
+    its step on its share of the tasks with one intra-op thread (``threads``,
+    ``pieces-threads``); the shares' means combined by their kept tasks. Each step has
+    its own copy of the network: ``torch.func.functional_call`` swaps the parameters
+    into the module it is given, so two threads sharing one module get wrong
+    meta-gradients. An exception in any thread is raised."""
+    from imaml import TaskBatch
+
+    n = len(steps)
+    cut = [batch.num_tasks * i // n for i in range(n + 1)]
+    parts = [TaskBatch(*(t[cut[i] : cut[i + 1]] for t in batch)) for i in range(n)]
+    threads = torch.get_num_threads()
+
+    def run():
+        out, errors = [None] * n, []
+
+        def work(i):
+            torch.set_num_threads(1)
+            try:
+                out[i] = steps[i](params, parts[i])
+            except Exception as e:  # raised below, in the caller's thread
+                errors.append(e)
+
+        workers = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        torch.set_num_threads(threads)
+        if errors:
+            raise errors[0]
+        kept = [(~stats["skipped"]).sum() for _, stats in out]
+        return {
+            k: sum(g[k] * c for (g, _), c in zip(out, kept, strict=True)) / sum(kept)
+            for k in out[0][0]
+        }
+
+    def first():  # compile (pieces) in the caller's thread, with one intra-op thread
+        torch.set_num_threads(1)
+        try:
+            for step, part in zip(steps, parts, strict=True):
+                step(params, part)
+        finally:
+            torch.set_num_threads(threads)
+        return run()
+
+    return first, run
 
 
 def solve_piece_step(alg):
@@ -118,6 +176,12 @@ def run_one(variant: str, args) -> dict:
     batch = data(args.tasks, args.queries, g)
 
     def step_for(dtype, compile="off", **kw):
+        if variant.endswith("threads") and dtype == torch.float32:
+            steps = []
+            for _ in range(2):  # a network of its own for each thread
+                alg = peer_algorithm(copy.deepcopy(model), solver=args.solver, **kw)
+                steps.append(MetaStep(alg, compile=compile))
+            return threads_step(steps, {k: v.detach() for k, v in model.named_parameters()}, batch)
         m = copy.deepcopy(model).to(dtype)
         if variant == "pieces-unfold-first" and dtype == torch.float32:
             next(c for c in m.modules() if isinstance(c, Conv2d)).impl = "unfold"
@@ -145,18 +209,30 @@ def run_one(variant: str, args) -> dict:
         fn = step_for(
             torch.float32, compile=mode, **({"hvp_mode": "fwd"} if "fwd" in variant else {})
         )
-    force = {"force_layout_optimization": variant == "pieces-channels-last"}
+    first = fn
+    if variant.endswith("threads"):
+        first, fn = fn
+    # cpp_wrapper: the compiled pieces release the GIL while they run (inductor's Python
+    # wrapper holds it through every kernel)
+    force = {
+        "force_layout_optimization": variant == "pieces-channels-last",
+        "cpp_wrapper": variant == "pieces-threads",
+    }
     try:
         t0 = time.perf_counter()
         with inductor_config.patch(force):
-            out = fn()
+            out = first()
         row["first_call_s"] = time.perf_counter() - t0
     except Exception as e:  # measured, not guessed: record what happens
         row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
         return row
     row["rel_to_float64"] = float(norm(sub(out, reference)) / norm(reference))  # in float64
-    with inductor_config.patch(force):
-        row.update(timeit(fn, repeats=args.repeats, warmup=0))
+    try:
+        with inductor_config.patch(force):
+            row.update(timeit(fn, repeats=args.repeats, warmup=0))
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+        return row
     row["peak_rss_mib"] = peak_rss_mib()
     return row
 

@@ -259,12 +259,13 @@ def main() -> int:
         print()
     r = load("distributed_throughput")
     if r:
-        print("| processes × threads | meta-steps / s | s / meta-step |")
-        print("|---|---|---|")
+        print("| --compile | processes × threads | meta-steps / s | s / meta-step | first step |")
+        print("|---|---|---|---|---|")
         for x in r["rows"]:
             print(
-                f"| {x['processes']} × {x['threads_per_process']} | {x['steps_per_second']:.3f} | "
-                f"{x['median_seconds_per_step']:.2f} |"
+                f"| {x.get('compile', 'off')} | {x['processes']} × {x['threads_per_process']} | "
+                f"{x['steps_per_second']:.3f} | {x['median_seconds_per_step']:.2f} | "
+                f"{x['first_step_s']:.1f} s |"
             )
         print()
     return 0

@@ -17,6 +17,11 @@ $PY roofline.py            # reads peers.json
 $PY conv_layouts.py
 $PY cpu_variants.py
 $PY cpu_variants.py --solver minres
+$PY cpu_variants.py --repeats 5 --name cpu_pieces_tried \
+    --variants pieces-cold pieces-channels-last pieces-hvp-fwd pieces-unfold-first pieces-solve
+$PY cpu_variants.py --repeats 5 --name cpu_threads_tried \
+    --variants eager threads pieces-cold pieces-threads
+$PY distributed_throughput.py
 $PY float32_sensitivity.py
 $PY train_overhead.py
 $PY fig2b_cost.py

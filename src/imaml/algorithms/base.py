@@ -68,7 +68,10 @@ def _check_float(name: str, value, *, positive: bool) -> None:
 
 
 class MetaAlgorithm:
-    """Base class. Subclasses set ``name`` and implement ``task_meta_grad``."""
+    """Base class. Subclasses set ``name`` and implement ``task_meta_grad``.
+
+    Not thread-safe: ``torch.func.functional_call`` swaps parameters into ``model``, so
+    threads need algorithms built on their own copies of the network."""
 
     name = "base"
 
