@@ -257,3 +257,32 @@ def test_registry_names():
     assert set(ALGORITHMS) == {"imaml", "maml", "fomaml", "reptile"}
     with pytest.raises(ValueError, match="model"):
         make_algorithm("imaml")
+
+
+def test_threads_with_their_own_network_copies_get_the_single_thread_meta_gradients():
+    """What the README advises for threads: one algorithm per thread, each on its own copy
+    of the network (``functional_call`` swaps parameters into the module it is given)."""
+    import copy
+    import threading
+
+    model, theta, batch = conv_setup(torch.float64, T=4)
+    halves = [TaskBatch(*(t[:2] for t in batch)), TaskBatch(*(t[2:] for t in batch))]
+    make = lambda m: make_algorithm("imaml", model=m, inner_steps=5, **ALG_KW["imaml"])
+    expected = [make(model).meta_grad(theta, h)[0] for h in halves]
+    algs = [make(copy.deepcopy(model)) for _ in halves]
+    worst, errors = [0.0, 0.0], []
+
+    def work(i):
+        try:
+            for _ in range(10):
+                worst[i] = max(worst[i], rel(algs[i].meta_grad(theta, halves[i])[0], expected[i]))
+        except Exception as e:  # re-raised below, in the test's thread
+            errors.append(e)
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not errors, errors
+    assert max(worst) < 1e-12
