@@ -30,8 +30,9 @@ own empty inductor cache; not in the default set):
   gradient once per task and runs the 5 solver steps under vmap (what the whole compiled
   step does), instead of one compiled product per solver step that recomputes the gradient;
 - ``threads``: the eager step, its meta-batch split over two Python threads with one
-  intra-op thread and a copy of the network each (PyTorch's element-wise kernels leave a core idle on tensors under
-  their parallel grain size; two processes, ``distributed_throughput.py``, gain that way);
+  intra-op thread and a copy of the network each (one process with two intra-op threads
+  leaves a core idle part of the time; two processes, ``distributed_throughput.py``,
+  gain that way);
 - ``pieces-threads``: the same with compiled pieces, compiled with one intra-op thread
   and inductor's ``cpp_wrapper`` (its Python wrapper holds the GIL through every kernel).
 
@@ -82,15 +83,26 @@ def threads_step(steps, params, batch):
     ``pieces-threads``); the shares' means combined by their kept tasks. Each step has
     its own copy of the network: ``torch.func.functional_call`` swaps the parameters
     into the module it is given, so two threads sharing one module get wrong
-    meta-gradients. An exception in any thread is raised."""
+    meta-gradients. The first call first runs (compiles) each step in the caller's thread.
+    An exception in any thread is raised."""
     from imaml import TaskBatch
 
     n = len(steps)
     cut = [batch.num_tasks * i // n for i in range(n + 1)]
     parts = [TaskBatch(*(t[cut[i] : cut[i + 1]] for t in batch)) for i in range(n)]
     threads = torch.get_num_threads()
+    warm = False
 
     def run():
+        nonlocal warm
+        if not warm:  # compile (pieces) in the caller's thread, with one intra-op thread
+            torch.set_num_threads(1)
+            try:
+                for step, part in zip(steps, parts, strict=True):
+                    step(params, part)
+            finally:
+                torch.set_num_threads(threads)
+            warm = True
         out, errors = [None] * n, []
 
         def work(i):
@@ -114,16 +126,7 @@ def threads_step(steps, params, batch):
             for k in out[0][0]
         }
 
-    def first():  # compile (pieces) in the caller's thread, with one intra-op thread
-        torch.set_num_threads(1)
-        try:
-            for step, part in zip(steps, parts, strict=True):
-                step(params, part)
-        finally:
-            torch.set_num_threads(threads)
-        return run()
-
-    return first, run
+    return run
 
 
 def solve_piece_step(alg):
@@ -209,9 +212,6 @@ def run_one(variant: str, args) -> dict:
         fn = step_for(
             torch.float32, compile=mode, **({"hvp_mode": "fwd"} if "fwd" in variant else {})
         )
-    first = fn
-    if variant.endswith("threads"):
-        first, fn = fn
     # cpp_wrapper: the compiled pieces release the GIL while they run (inductor's Python
     # wrapper holds it through every kernel)
     force = {
@@ -219,18 +219,13 @@ def run_one(variant: str, args) -> dict:
         "cpp_wrapper": variant == "pieces-threads",
     }
     try:
-        t0 = time.perf_counter()
         with inductor_config.patch(force):
-            out = first()
-        row["first_call_s"] = time.perf_counter() - t0
-    except Exception as e:  # measured, not guessed: record what happens
-        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
-        return row
-    row["rel_to_float64"] = float(norm(sub(out, reference)) / norm(reference))  # in float64
-    try:
-        with inductor_config.patch(force):
+            t0 = time.perf_counter()
+            out = fn()
+            row["first_call_s"] = time.perf_counter() - t0
+            row["rel_to_float64"] = float(norm(sub(out, reference)) / norm(reference))
             row.update(timeit(fn, repeats=args.repeats, warmup=0))
-    except Exception as e:
+    except Exception as e:  # measured, not guessed: record what happens
         row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
         return row
     row["peak_rss_mib"] = peak_rss_mib()

@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from imaml.cuda_graph import COMPILE
+
 from common import write
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,9 +90,8 @@ def main(argv=None) -> int:
     if args.steps < 3:
         ap.error("--steps must be at least 3 (the first two are left out)")
     compiles = [c for c in args.compiles.split(",") if c]
-    bad = [c for c in compiles if c not in ("off", "pieces", "step")]
-    if bad or not compiles:
-        ap.error(f"--compiles: choose from off, pieces, step (got {args.compiles!r})")
+    if not compiles or any(c not in COMPILE for c in compiles):
+        ap.error(f"--compiles: choose from {', '.join(COMPILE)} (got {args.compiles!r})")
     rows = []
     for c in compiles:
         for procs, threads in ((1, 2), (2, 1)):

@@ -263,7 +263,7 @@ def main() -> int:
         print("|---|---|---|---|---|")
         for x in r["rows"]:
             print(
-                f"| {x.get('compile', 'off')} | {x['processes']} × {x['threads_per_process']} | "
+                f"| {x['compile']} | {x['processes']} × {x['threads_per_process']} | "
                 f"{x['steps_per_second']:.3f} | {x['median_seconds_per_step']:.2f} | "
                 f"{x['first_step_s']:.1f} s |"
             )
