@@ -3,7 +3,8 @@
 The peer setting (benchmarks/peers.py): omniglot-5w1s network, meta-batch 32, 16 inner GD
 steps (lr 0.1), λ = 2, 5 CG steps (``--solver minres``: MINRES, our default, written to
 cpu_variants_minres.*), 15 query images per class. Each variant runs in a
-fresh process:
+fresh process, under glibc's default allocator (``--malloc keep``: freed memory kept for
+reuse, as ``imaml train`` does):
 
 - ``eager``: the default path (vmap over tasks, float32); also its distance to float64,
   the scale of float32 rounding for this step (CG on an indefinite I + H/λ amplifies it).
@@ -34,12 +35,16 @@ own empty inductor cache; not in the default set):
   leaves a core idle part of the time; two processes, ``distributed_throughput.py``,
   gain that way);
 - ``pieces-threads``: the same with compiled pieces, compiled with one intra-op thread
-  and inductor's ``cpp_wrapper`` (its Python wrapper holds the GIL through every kernel).
+  and inductor's ``cpp_wrapper`` (its Python wrapper holds the GIL through every kernel);
+- ``pieces-chunk4`` / ``-chunk8`` / ``-chunk16``: the compiled pieces over 4, 8 or 16
+  tasks at a time (``--task-chunk``), each chunk through its inner loop, linearisation
+  and solve before the next, so that its tensors stay in the CPU's caches.
 
 For each: median seconds per meta-step, peak RSS, and the relative distance of the
 mean meta-gradient to the float64 one. Writes docs/benchmarks/cpu_variants.{json,png}.
 
     python benchmarks/cpu_variants.py [--repeats 3] [--queries 15] [--solver cg|minres]
+        [--malloc system|keep]
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ import time
 
 import torch
 
-from common import OUT, peak_rss_mib, run_fresh, timeit, write
+from common import OUT, peak_rss_mib, run_fresh, timeit, use_malloc, write
 from peers import CG, LAM, LR, STEPS, data, peer_algorithm
 
 VARIANTS = (
@@ -74,6 +79,9 @@ PIECES_TRIED = (
     "pieces-solve",
     "threads",
     "pieces-threads",
+    "pieces-chunk4",
+    "pieces-chunk8",
+    "pieces-chunk16",
 )
 
 
@@ -174,6 +182,7 @@ def run_one(variant: str, args) -> dict:
     from imaml.params import norm, sub
 
     torch.set_flush_denormal(True)
+    use_malloc(args.malloc)
     g = torch.Generator().manual_seed(0)
     model = OmniglotConvNet(5, generator=g)
     batch = data(args.tasks, args.queries, g)
@@ -209,9 +218,10 @@ def run_one(variant: str, args) -> dict:
                 return plain()
     else:
         mode = {"compiled": "step", "pieces": "pieces"}.get(variant.split("-")[0], "off")
-        fn = step_for(
-            torch.float32, compile=mode, **({"hvp_mode": "fwd"} if "fwd" in variant else {})
-        )
+        kw = {"hvp_mode": "fwd"} if "fwd" in variant else {}
+        if "chunk" in variant:
+            kw["task_chunk"] = int(variant.split("chunk")[1])
+        fn = step_for(torch.float32, compile=mode, **kw)
     # cpp_wrapper: the compiled pieces release the GIL while they run (inductor's Python
     # wrapper holds it through every kernel)
     force = {
@@ -277,6 +287,12 @@ def main(argv=None) -> int:
         + " ".join(PIECES_TRIED)
         + ")",
     )
+    ap.add_argument(
+        "--malloc",
+        choices=("system", "keep"),
+        default="system",
+        help="glibc's defaults, or freed memory kept for reuse as imaml train does",
+    )
     ap.add_argument("--name", help="output name (default cpu_variants[_SOLVER])")
     ap.add_argument("--variant", choices=VARIANTS + PIECES_TRIED, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -294,6 +310,7 @@ def main(argv=None) -> int:
             cmd = [sys.executable, __file__, "--variant", variant]
             cmd += ["--repeats", str(args.repeats), "--tasks", str(args.tasks)]
             cmd += ["--queries", str(args.queries), "--solver", args.solver]
+            cmd += ["--malloc", args.malloc]
             rows.append({"variant": variant, **run_fresh(cmd, env=env)})
             r = rows[-1]
             print(
@@ -314,6 +331,9 @@ def main(argv=None) -> int:
     cfg |= {"n_way": 5, "k_shot": 1, "threads": torch.get_num_threads()}
     name = args.name or ("cpu_variants" if args.solver == "cg" else f"cpu_variants_{args.solver}")
     write(name, {"config": cfg, "rows": rows})
+    if not any("median_s" in r for r in rows):
+        print("every variant failed: no plot", file=sys.stderr)
+        return 1
     plot(rows, args.solver, OUT / f"{name}.png")
     return 0
 

@@ -12,7 +12,7 @@ fresh process (so peak RSS is its own): one warm-up meta-step, then the median o
 with CG vmapped over 8 tasks at a time (``task_chunk=8``, bounding memory), and with CG
 and MINRES through ``torch.compile``: ``compiled`` compiles the whole step, ``pieces``
 compiles one inner step, the query gradient and one Hessian-vector product and loops over
-them (``IMAML.meta_grad_piecewise``). The first call, the compilation, is reported apart
+them (``IMAML.meta_grad_piecewise``; ``pieceschunk8``: over 8 tasks at a time). The first call, the compilation, is reported apart
 as ``first_call_s``; every run starts from an empty inductor cache.
 
 Every implementation runs under glibc's default allocator (``system``, as TorchOpt's users
@@ -53,6 +53,7 @@ IMPLS = (
     "ours-compiled-minres",
     "ours-pieces-cg",
     "ours-pieces-minres",
+    "ours-pieceschunk8-cg",
     "ours-loop-cg",
     "torchopt-cg",
     "torchopt-example",
@@ -216,10 +217,11 @@ def run_one(impl: str, args) -> dict:
             model,
             solver=solver,
             batched=path != "loop",
-            task_chunk=8 if path == "chunk8" else None,  # vmap over 8 tasks at a time
+            task_chunk=8 if path.endswith("chunk8") else None,  # 8 tasks at a time
         )
         params = dict(model.named_parameters())
-        step = MetaStep(alg, compile={"compiled": "step", "pieces": "pieces"}.get(path, "off"))
+        compile = {"compiled": "step", "pieces": "pieces", "pieceschunk8": "pieces"}
+        step = MetaStep(alg, compile=compile.get(path, "off"))
         fn = lambda: step(params, batch)
     else:
         meta = tuple(model.parameters())

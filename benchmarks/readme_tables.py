@@ -16,6 +16,9 @@ def load(name):
     return json.loads(p.read_text()) if p.exists() else None
 
 
+NAN = float("nan")
+
+
 def pct(x, ci):
     return f"{100 * x:.1f} ± {100 * ci:.1f}"
 
@@ -40,8 +43,34 @@ def fig2b_table(r) -> None:
     print()
 
 
+def peers_table(r) -> None:
+    refs = (
+        ("torchopt", "TorchOpt"),
+        ("torchopt_example", "TorchOpt's example"),
+        ("ours_loop", "our loop"),
+    )
+    refs = [(k, n) for k, n in refs if any(f"speedup_vs_{k}" in x for x in r["rows"])]
+    print(
+        "| implementation | malloc | s / meta-step | first call | page faults / step | peak RSS |"
+        + "".join(f" speed-up vs {name} |" for _, name in refs)
+    )
+    print("|---|---|---|---|---|---|" + "---|" * len(refs))
+    for x in r["rows"]:
+        malloc = x.get("malloc", "system")
+        if "error" in x:
+            print(f"| {x['impl']} | {malloc} | failed: {x['error']} |" + " |" * (3 + len(refs)))
+            continue
+        first = f"{x['first_call_s']:.1f} s" if "first_call_s" in x else "–"
+        faults = x.get("minor_faults_per_step")
+        print(
+            f"| {x['impl']} | {malloc} | {x['median_s']:.2f} | {first} | "
+            f"{'–' if faults is None else f'{faults:,.0f}'} | {x['peak_rss_mib']:.0f} MiB |"
+            + "".join(f" {x.get(f'speedup_vs_{key}', NAN):.2f}× |" for key, _ in refs)
+        )
+    print()
+
+
 def main() -> int:
-    nan = float("nan")
     r = load("omniglot_5w1s_cpu_baselines")
     if r:
         print(
@@ -105,33 +134,10 @@ def main() -> int:
             if m == "rev":
                 print(f"| {t} | {p} | {rows[(t, p, 'rev')]:.1f} | {rows[(t, p, 'fwd')]:.1f} |")
         print()
-    r = load("peers")
-    if r:
-        refs = (
-            ("torchopt", "TorchOpt"),
-            ("torchopt_example", "TorchOpt's example"),
-            ("ours_loop", "our loop"),
-        )
-        print(
-            "| implementation | malloc | s / meta-step | first call | page faults / step | peak RSS | "
-            + " | ".join(f"speed-up vs {name}" for _, name in refs)
-            + " |"
-        )
-        print("|---|---|---|---|---|---|" + "---|" * len(refs))
-        for x in r["rows"]:
-            malloc = x.get("malloc", "system")
-            if "error" in x:
-                print(f"| {x['impl']} | {malloc} | failed: {x['error']} |" + " |" * (3 + len(refs)))
-                continue
-            first = f"{x['first_call_s']:.1f} s" if "first_call_s" in x else "–"
-            faults = x.get("minor_faults_per_step")
-            print(
-                f"| {x['impl']} | {malloc} | {x['median_s']:.2f} | {first} | "
-                f"{'–' if faults is None else f'{faults:,.0f}'} | {x['peak_rss_mib']:.0f} MiB | "
-                + " | ".join(f"{x.get(f'speedup_vs_{key}', nan):.2f}×" for key, _ in refs)
-                + " |"
-            )
-        print()
+    for name in ("peers", "peers_pieces_chunk8"):
+        r = load(name)
+        if r:
+            peers_table(r)
     r = load("peers_float64")
     if r:
         for k, v in r["distance_to_converged"].items():
@@ -144,7 +150,7 @@ def main() -> int:
         f = r["step_flops"]
         print(
             "one meta-step: "
-            + ", ".join(f"{k} {v.get('gflop', nan):.1f} GFLOP" for k, v in f.items())
+            + ", ".join(f"{k} {v.get('gflop', NAN):.1f} GFLOP" for k, v in f.items())
             + f"; best dense-convolution rate {r['best_dense_conv_gflops_per_s']:.0f} GFLOP/s, "
             f"floor {r['floor_s_ours']:.2f} s"
         )

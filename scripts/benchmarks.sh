@@ -21,6 +21,10 @@ $PY cpu_variants.py --repeats 5 --name cpu_pieces_tried \
     --variants pieces-cold pieces-channels-last pieces-hvp-fwd pieces-unfold-first pieces-solve
 $PY cpu_variants.py --repeats 5 --name cpu_threads_tried \
     --variants eager threads pieces-cold pieces-threads
+$PY cpu_variants.py --repeats 7 --malloc keep --name cpu_pieces_chunks \
+    --variants pieces-cold pieces-chunk4 pieces-chunk8 pieces-chunk16
+$PY peers.py --impls ours-pieces-cg,ours-pieceschunk8-cg --mallocs keep,system --repeats 5 \
+    --name peers_pieces_chunk8
 $PY distributed_throughput.py
 $PY float32_sensitivity.py
 $PY train_overhead.py

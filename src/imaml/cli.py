@@ -62,7 +62,8 @@ HELP = {
     "vector, so each element-wise step is one kernel instead of one per tensor (same math; "
     "auto: on CUDA, where it is faster; on 2 CPU cores it is slower)",
     "task_chunk": "vmap over at most N tasks at a time: bounds peak memory at some speed "
-    "(default: the whole meta-batch at once)",
+    "(with --compile pieces: the pieces take N tasks at a time; default: the whole "
+    "meta-batch at once)",
     "cuda_graph": "auto, on or off: on CUDA, capture the whole meta-step (inner loop, linear "
     "solve, query gradient) once as a CUDA graph and replay it (auto: when on CUDA and batched; "
     "falls back to eager if capture fails)",

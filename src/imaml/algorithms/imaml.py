@@ -26,7 +26,7 @@ LOG_LAM = "log_lam"  # key of a learned scalar log λ; per tensor: "log_lam:<par
 def piecewise_unsupported(settings, *, algo: str) -> str | None:
     """Why ``IMAML.meta_grad_piecewise`` does not apply to algorithm ``algo`` with
     ``settings`` (an algorithm or a run's ``Config``: anything with ``batched``,
-    ``inner_solver``, ``inner_tol``, ``learn_lam``, ``solver`` and ``task_chunk``), or None
+    ``inner_solver``, ``inner_tol``, ``learn_lam`` and ``solver``), or None
     if it does. It is iMAML's; its inner loop repeats one plain gradient step (no solver
     state, no early stop), and its solver runs on T systems at once (not the dense
     ``exact`` solve)."""
@@ -43,8 +43,6 @@ def piecewise_unsupported(settings, *, algo: str) -> str | None:
         return f"learn_lam={settings.learn_lam!r}"
     if settings.solver == "exact":
         return "solver='exact'"
-    if settings.task_chunk is not None:
-        return f"task_chunk={settings.task_chunk} (the pieces take every task at once)"
     return None
 
 
@@ -265,11 +263,31 @@ class IMAML(MetaAlgorithm):
         the whole unrolled step (minutes). The Hessian-vector product is recomputed from
         φ at each solver step (one forward and backward more per step than the vmap path's
         linearisation, which a compiled piece cannot keep between calls).
+        With ``task_chunk`` the tasks go through all of this ``task_chunk`` at a time (the
+        last chunk may be smaller, as with the vmap path's chunks), which bounds memory and
+        keeps a chunk's tensors in the CPU's caches across its inner steps and products;
+        each chunk size is a shape of its own to ``torch.compile``.
         Applies where ``piecewise_unsupported()`` is None; no host-device synchronisation.
         """
         if (why := self.piecewise_unsupported()) is not None:
             raise ValueError(f"the piecewise meta-step does not support {why}")
         theta = self.pack(detach(params))
+        T = batch.num_tasks
+        size = self.task_chunk or T
+        parts = [
+            self._piecewise_tasks(theta, TaskBatch(*(t[i : i + size] for t in batch)), pieces)
+            for i in range(0, T, size)
+        ]
+        if len(parts) == 1:
+            return self.mean_over_tasks(*parts[0])
+        join = lambda dicts: {k: torch.cat([d[k] for d in dicts]) for k in dicts[0]}
+        return self.mean_over_tasks(join([p[0] for p in parts]), join([p[1] for p in parts]))
+
+    def _piecewise_tasks(
+        self, theta: Params, batch: TaskBatch, pieces: Pieces
+    ) -> tuple[Params, dict[str, Tensor]]:
+        """``meta_grad_piecewise`` for the tasks of ``batch`` at once: each task's
+        meta-gradient and statistics (leading dimension T), before the mean."""
         sx, sy, qx, qy = batch
         T = batch.num_tasks
         phi = {k: v.expand(T, *v.shape).clone() for k, v in theta.items()}  # φ₀ = θ
@@ -291,7 +309,7 @@ class IMAML(MetaAlgorithm):
             "negative_curvature": info["negative_curvature"],
             **q_metrics,
         }  # the keys in task_meta_grad's order
-        return self.mean_over_tasks(unravel(x), stats)
+        return unravel(x), stats
 
     def hyperparameters(self) -> dict:
         return {
