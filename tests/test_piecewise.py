@@ -161,6 +161,7 @@ def test_compiled_pieces_equal_eager_in_float64(f64):
     batch = TaskBatch(x(), x(), x(), x())
     alg = make_algorithm("imaml", model=model, loss="mse", inner_steps=3, cg_steps=3)
     step = MetaStep(alg, compile="pieces")
+    torch._dynamo.reset()  # dynamo's per-code entries are per process: start afresh
     counters.clear()
     for shift in (0.0, 0.5):
         b = TaskBatch(batch.support_x + shift, *batch[1:])
@@ -181,6 +182,7 @@ def test_compiled_pieces_in_task_chunks_equal_eager_in_float64(f64):
     ref = make_algorithm("imaml", model=model, loss="mse", inner_steps=2, cg_steps=2)
     alg = make_algorithm("imaml", model=model, loss="mse", inner_steps=2, cg_steps=2, task_chunk=2)
     step = MetaStep(alg, compile="pieces")
+    torch._dynamo.reset()  # dynamo's per-code entries are per process: start afresh
     counters.clear()
     for shift in (0.0, 0.5):
         b = TaskBatch(batch.support_x + shift, *batch[1:])
@@ -199,6 +201,7 @@ def test_several_compiled_algorithms_in_one_process_each_compile(f64):
     theta = {k: v.detach() for k, v in model.named_parameters()}
     x = lambda: torch.rand(2, 3, 1, generator=g)
     batch = TaskBatch(x(), x(), x(), x())
+    torch._dynamo.reset()  # dynamo's per-code entries are per process: start afresh
     counters.clear()
     for i in range(4):
         alg = make_algorithm("imaml", model=model, loss="mse", inner_steps=1, cg_steps=1)

@@ -208,7 +208,8 @@ class IMAML(MetaAlgorithm):
         itself: dynamo keeps at most 8 compiled entries per code object, and the three
         pieces of every algorithm in a process would otherwise share vmap's one wrapper
         code (a third compiled algorithm fell back to eager). Now the limit is 8
-        algorithms per process, as for the whole compiled step."""
+        algorithms per process, as for the whole compiled step; each batch shape is an
+        entry of its own (``task_chunk`` with a smaller last chunk: two per algorithm)."""
         task = (None, 0, 0)  # θ shared, φ and the support set per task
 
         def inner_step(theta, phi, sx, sy):
