@@ -20,10 +20,11 @@ reuse, as ``imaml train`` does):
 What else was tried, mostly on the compiled pieces (``--variants`` picks; each from its
 own empty inductor cache; not in the default set):
 
-- ``pieces-channels-last``: inductor's layout optimisation forced
+- ``pieces-channels-last``: inductor's layout optimisation on and forced
   (``force_layout_optimization``, as ``gpu_step.py --compile-layout channels-last`` on
-  CUDA, where inductor skips vmap's grouped convolutions; with oneDNN on the CPU it is
-  already on, so this row is a control: the same meta-gradient, the same speed);
+  CUDA, where inductor skips vmap's grouped convolutions): every convolution
+  channels-last, inductor's own choice with oneDNN on the CPU, and what the pieces did
+  there before ``imaml.cuda_graph.CPU_PIECES_OPTIONS`` turned it off;
 - ``pieces-hvp-fwd``: forward-over-reverse Hessian-vector products;
 - ``pieces-unfold-first``: the first convolution (one input channel: under vmap a
   depthwise grouped convolution) as im2col and a batched matrix product;
@@ -202,8 +203,9 @@ def run_one(variant: str, args) -> dict:
         b = TaskBatch(batch.support_x.to(dtype), batch[1], batch.query_x.to(dtype), batch[3])
         if variant == "pieces-solve" and dtype == torch.float32:
             step = solve_piece_step(alg)
-        else:
-            step = MetaStep(alg, compile=compile)
+        else:  # pieces-channels-last: inductor's options, not ours (CPU_PIECES_OPTIONS)
+            own = {} if variant == "pieces-channels-last" else None
+            step = MetaStep(alg, compile=compile, compile_options=own)
         return lambda: step(params, b)[0]
 
     reference = step_for(torch.float64)()

@@ -208,3 +208,27 @@ def test_several_compiled_algorithms_in_one_process_each_compile(f64):
         alg.lam = 1.0 + i
         MetaStep(alg, compile="pieces")(theta, batch)
     assert counters["stats"]["unique_graphs"] == 12  # 3 pieces × 4 algorithms, all compiled
+
+
+def test_cpu_pieces_compile_with_our_inductor_options(monkeypatch):
+    """On the CPU the pieces compile with ``CPU_PIECES_OPTIONS`` (no channels-last layouts:
+    faster there, benchmarks/cpu_variants.py); the whole step with inductor's own;
+    ``compile_options`` replaces ours; an unknown option fails when the step is made."""
+    from imaml import cuda_graph
+
+    seen, real = [], torch.compile
+    monkeypatch.setattr(
+        torch, "compile", lambda f, **kw: seen.append(kw["options"]) or real(f, **kw)
+    )
+    alg = make_algorithm("imaml", model=conv_setup()[0])
+    assert cuda_graph.CPU_PIECES_OPTIONS == {"layout_optimization": False}
+    MetaStep(alg, compile="pieces")
+    assert seen == [cuda_graph.CPU_PIECES_OPTIONS] * 3  # inner step, linearisation, matvec
+    seen.clear()
+    MetaStep(alg, compile="step")
+    assert seen == [None]
+    seen.clear()
+    MetaStep(alg, compile="pieces", compile_options={"max_autotune": False})
+    assert seen == [{"max_autotune": False}] * 3
+    with pytest.raises(RuntimeError, match="no_such_option"):
+        MetaStep(alg, compile="pieces", compile_options={"no_such_option": 1})

@@ -26,6 +26,8 @@ benchmarks/cpu_variants.py); a new batch shape compiles again. It is exact in fl
 of ``IMAML.meta_grad_piecewise`` instead, one inner step, the query gradient and one
 Hessian-vector product, each once, and runs the inner and solver loops over them: about
 80 s to compile on 2 CPU cores or on the H200, exact in float64 (tests/test_piecewise.py).
+On the CPU they compile with ``CPU_PIECES_OPTIONS`` (no channels-last layouts; see there);
+``compile_options`` replaces those with inductor options of one's own.
 On CUDA either compiled step is what the graph captures; compiled pieces in the graph
 measured 16.4–17.6 ms per omniglot-5w1s meta-step on an H200, against 32 ms for the eager
 graph (benchmarks/gpu_step.py).
@@ -57,6 +59,12 @@ COMPILE = ("off", "step", "pieces")  # torch.compile: not at all, the whole step
 # training steps took 1.03 instead of 1.27 s after a 76 s compile, repaid after ~300 steps
 # (docs/benchmarks/train_pieces_vs_eager_cpu.json)
 AUTO_COMPILE_MIN_STEPS = {"cuda": 5000, "cpu": 1000}
+# inductor options for compile="pieces" on the CPU. There inductor lays every convolution
+# out channels-last (oneDNN), and the batch normalisations between them then reduce down
+# columns 2,048 floats apart (vmap's tasks × channels): the query pass's backward alone took
+# ~100 ms. Plain NCHW made the peer step 8-9% and the preset's step 8-16% faster
+# (docs/benchmarks/cpu_pieces_layout.json).
+CPU_PIECES_OPTIONS = {"layout_optimization": False}
 
 
 def auto_compile(alg: MetaAlgorithm, device: torch.device | str, *, steps: int) -> str:
@@ -137,6 +145,7 @@ class MetaStep:
         warmup: int = 3,
         max_graphs: int = 4,
         fallback: bool = False,
+        compile_options: dict | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"cuda_graph must be one of {MODES}, got {mode!r}")
@@ -148,8 +157,13 @@ class MetaStep:
         if self.compile != "off" and not alg.batched:
             raise ValueError("compile needs the batched (vmap) path")
         self.alg = alg
+        if compile_options is None:  # ours: CPU_PIECES_OPTIONS for the pieces on the CPU
+            on_cpu = next(alg.model.parameters()).device.type == "cpu"
+            compile_options = CPU_PIECES_OPTIONS if self.compile == "pieces" and on_cpu else {}
+        self.compile_options = dict(compile_options)
         # static shapes: one specialised program per batch shape, as the graphs
-        wrap = lambda f: torch.compile(f, dynamic=False)
+        options = self.compile_options or None
+        wrap = lambda f: torch.compile(f, dynamic=False, options=options)
         if self.compile == "pieces":
             if (why := piecewise_unsupported(alg, algo=alg.name)) is not None:
                 raise ValueError(f"compile='pieces' does not support {why}; use compile='step'")
