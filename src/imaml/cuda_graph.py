@@ -56,7 +56,7 @@ COMPILE = ("off", "step", "pieces")  # torch.compile: not at all, the whole step
 # --compile auto compiles the pieces for a schedule of at least this many meta-steps, per
 # device type (2026-11-27, omniglot-5w1s): on an H200 they cut the step from 32 to
 # 16.4-17.6 ms and compile in 43-84 s, repaid after ~3,000-6,000 steps; on 2 CPU cores
-# training steps took 1.03 instead of 1.27 s after a 76 s compile, repaid after ~300 steps
+# training steps took 0.92 instead of 1.16 s after a 65 s compile, repaid after ~270 steps
 # (docs/benchmarks/train_pieces_vs_eager_cpu.json)
 AUTO_COMPILE_MIN_STEPS = {"cuda": 5000, "cpu": 1000}
 # inductor options for compile="pieces" on the CPU. There inductor lays every convolution
