@@ -149,9 +149,11 @@ def test_config_and_cli_compile_modes():
 
 
 @needs_cxx
-def test_compiled_pieces_equal_eager_in_float64(f64):
-    """Small MLP (compiling is slow on 2 cores); one compiled program per piece, reused by
-    every inner step and every solver step, and again on the next call."""
+@pytest.mark.parametrize(("chunk", "graphs"), [(None, 3), (2, 6)])
+def test_compiled_pieces_equal_eager_in_float64(f64, chunk, graphs):
+    """Small MLP (compiling is slow on 2 cores); one compiled program per piece and batch
+    shape (3 tasks in chunks of 2: two shapes), reused by every inner step and every
+    solver step, and again on the next call."""
     from torch._dynamo.utils import counters
 
     g = torch.Generator().manual_seed(0)
@@ -159,35 +161,15 @@ def test_compiled_pieces_equal_eager_in_float64(f64):
     theta = {k: v.detach() for k, v in model.named_parameters()}
     x = lambda: torch.rand(3, 5, 1, generator=g)
     batch = TaskBatch(x(), x(), x(), x())
-    alg = make_algorithm("imaml", model=model, loss="mse", inner_steps=3, cg_steps=3)
-    step = MetaStep(alg, compile="pieces")
-    torch._dynamo.reset()  # dynamo's per-code entries are per process: start afresh
-    counters.clear()
-    for shift in (0.0, 0.5):
-        b = TaskBatch(batch.support_x + shift, *batch[1:])
-        _equal(step(theta, b), alg.meta_grad(theta, b))
-    assert counters["stats"]["unique_graphs"] == 3  # inner step, linearisation, matvec
-
-
-@needs_cxx
-def test_compiled_pieces_in_task_chunks_equal_eager_in_float64(f64):
-    """3 tasks in chunks of 2: two shapes, so each piece compiles twice, then is reused."""
-    from torch._dynamo.utils import counters
-
-    g = torch.Generator().manual_seed(0)
-    model = MLP((1, 8, 1), generator=g)
-    theta = {k: v.detach() for k, v in model.named_parameters()}
-    x = lambda: torch.rand(3, 5, 1, generator=g)
-    batch = TaskBatch(x(), x(), x(), x())
-    ref = make_algorithm("imaml", model=model, loss="mse", inner_steps=2, cg_steps=2)
-    alg = make_algorithm("imaml", model=model, loss="mse", inner_steps=2, cg_steps=2, task_chunk=2)
-    step = MetaStep(alg, compile="pieces")
+    hp = {"loss": "mse", "inner_steps": 3, "cg_steps": 3}
+    ref = make_algorithm("imaml", model=model, **hp)
+    step = MetaStep(make_algorithm("imaml", model=model, task_chunk=chunk, **hp), compile="pieces")
     torch._dynamo.reset()  # dynamo's per-code entries are per process: start afresh
     counters.clear()
     for shift in (0.0, 0.5):
         b = TaskBatch(batch.support_x + shift, *batch[1:])
         _equal(step(theta, b), ref.meta_grad(theta, b))
-    assert counters["stats"]["unique_graphs"] == 6  # 3 pieces × 2 chunk sizes
+    assert counters["stats"]["unique_graphs"] == graphs  # inner step, linearisation, matvec
 
 
 @needs_cxx
