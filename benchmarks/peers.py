@@ -220,8 +220,8 @@ def run_one(impl: str, args) -> dict:
             task_chunk=8 if path.endswith("chunk8") else None,  # 8 tasks at a time
         )
         params = dict(model.named_parameters())
-        compile = {"compiled": "step", "pieces": "pieces", "pieceschunk8": "pieces"}
-        step = MetaStep(alg, compile=compile.get(path, "off"))
+        mode = "step" if path == "compiled" else "pieces" if path.startswith("pieces") else "off"
+        step = MetaStep(alg, compile=mode)
         fn = lambda: step(params, batch)
     else:
         meta = tuple(model.parameters())

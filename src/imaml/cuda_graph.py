@@ -62,8 +62,8 @@ AUTO_COMPILE_MIN_STEPS = {"cuda": 5000, "cpu": 1000}
 # inductor options for compile="pieces" on the CPU. There inductor lays every convolution
 # out channels-last (oneDNN), and the batch normalisations between them then reduce down
 # columns 2,048 floats apart (vmap's tasks × channels): the query pass's backward alone took
-# ~100 ms. Plain NCHW made the peer step 8-9% and the preset's step 8-16% faster
-# (docs/benchmarks/cpu_pieces_layout.json).
+# ~100 ms. Plain NCHW took 4-9% less time per step at the peer setting and 8-16% less at
+# the preset's (docs/benchmarks/cpu_pieces_layout{,_q1}.json and ad hoc pairs).
 CPU_PIECES_OPTIONS = {"layout_optimization": False}
 
 
