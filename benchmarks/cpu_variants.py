@@ -28,9 +28,11 @@ own empty inductor cache; not in the default set):
 - ``pieces-hvp-fwd``: forward-over-reverse Hessian-vector products;
 - ``pieces-unfold-first``: the first convolution (one input channel: under vmap a
   depthwise grouped convolution) as im2col and a batched matrix product;
-- ``pieces-solve``: the solver loop compiled too, as a fourth piece that linearises the
-  gradient once per task and runs the 5 solver steps under vmap (what the whole compiled
-  step does), instead of one compiled product per solver step that recomputes the gradient;
+- ``pieces-solve`` / ``pieces-matvec``: the solver loop compiled as one piece that
+  linearises the gradient once per task and runs the 5 solver steps under vmap (what the
+  whole compiled step does; ``solve_piece=True``, the CPU's default since 2026-11-27), or
+  one compiled product per solver step that recomputes the gradient (``solve_piece=False``,
+  the default before);
 - ``threads``: the eager step, its meta-batch split over two Python threads with one
   intra-op thread and a copy of the network each (one process with two intra-op threads
   leaves a core idle part of the time; two processes, ``distributed_throughput.py``,
@@ -78,6 +80,7 @@ PIECES_TRIED = (
     "pieces-hvp-fwd",
     "pieces-unfold-first",
     "pieces-solve",
+    "pieces-matvec",
     "threads",
     "pieces-threads",
     "pieces-chunk4",
@@ -138,42 +141,6 @@ def threads_step(steps, params, batch):
     return run
 
 
-def solve_piece_step(alg):
-    """The piecewise step with the solver loop compiled as a fourth piece (``pieces-solve``)."""
-    from torch.func import vmap
-
-    from imaml.implicit import solve_implicit
-    from imaml.inner import pull_back
-    from imaml.params import detach
-
-    wrap = lambda f: torch.compile(f, dynamic=False)
-    pieces = alg.pieces(wrap)
-
-    def one_task(phi, sx, sy, v):
-        hp = dict(lam=alg.lam, solver=alg.solver, steps=alg.cg_steps, tol=alg.cg_tol)
-        hp |= dict(cg_damping=alg.cg_damping, lam_damping=alg.lam_damping)
-        return solve_implicit(alg.loss_of(sx, sy), v, phi, **hp, hvp_mode=alg.hvp_mode)[:2]
-
-    def solve_all(phi, sx, sy, v):
-        return vmap(one_task)(phi, sx, sy, v)
-
-    solve_all = wrap(solve_all)
-
-    def step(params, batch):
-        theta = alg.pack(detach(params))
-        sx, sy, qx, qy = batch
-        phi = {k: v.expand(batch.num_tasks, *v.shape).clone() for k, v in theta.items()}
-        for _ in range(alg.inner_steps):
-            phi = pieces.inner_step(theta, phi, sx, sy)
-        phi = pull_back(phi, theta, lam=alg.lam, inner_lr=alg.inner_lr, variant=alg.variant)
-        v, stats, q_metrics = pieces.linearize(theta, phi, sx, sy, qx, qy)
-        x, info = solve_all(phi, sx, sy, v)
-        stats |= {f"solver_{k}": info[k] for k in ("residual", "iterations")} | q_metrics
-        return alg.mean_over_tasks(x, stats)
-
-    return step
-
-
 def run_one(variant: str, args) -> dict:
     from torch._inductor import config as inductor_config
 
@@ -201,11 +168,11 @@ def run_one(variant: str, args) -> dict:
         alg = peer_algorithm(m, solver=args.solver, **kw)
         params = {k: v.detach() for k, v in m.named_parameters()}
         b = TaskBatch(batch.support_x.to(dtype), batch[1], batch.query_x.to(dtype), batch[3])
-        if variant == "pieces-solve" and dtype == torch.float32:
-            step = solve_piece_step(alg)
-        else:  # pieces-channels-last: inductor's options, not ours (CPU_PIECES_OPTIONS)
-            own = {} if variant == "pieces-channels-last" else None
-            step = MetaStep(alg, compile=compile, compile_options=own)
+        # pieces-channels-last: inductor's options, not ours (CPU_PIECES_OPTIONS)
+        own = {} if variant == "pieces-channels-last" else None
+        pick = {"pieces-solve": True, "pieces-matvec": False}  # else MetaStep's default
+        solve = pick.get(variant) if compile == "pieces" else None
+        step = MetaStep(alg, compile=compile, compile_options=own, solve_piece=solve)
         return lambda: step(params, b)[0]
 
     reference = step_for(torch.float64)()

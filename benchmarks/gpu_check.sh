@@ -27,7 +27,13 @@
 # 354 s on an H200 on 2026-11-27: tests 54 s, compile stage 93 s, training 150 s):
 #   STAGES="device tests compile train" COMPILE_S=300 TRAIN_ARGS="--compile pieces" \
 #   bash benchmarks/gpu_check.sh 150
-# or, NEXT (not yet run on a GPU): whether channels-last convolutions remove cuDNN's layout
+# or, NEXT (not yet run on a GPU): the solver as one compiled piece (the CPU's default since
+# 2026-11-27: the gradient linearised once per task, not recomputed at each of the 5
+# products; 7-11% less per step on 2 CPU cores, ~2.5x the compile time there) against the
+# product piece:
+#   STAGES="device tests compile" COMPILE_S=420 COMPILE_MODES="pieces-solve pieces" \
+#   STEP_ARGS="--repeats 20" bash benchmarks/gpu_check.sh
+# or, also not yet run: whether channels-last convolutions remove cuDNN's layout
 # transposes (27% of the compiled pieces' kernel time on an H200, 2026-11-27; two compiles
 # of 70-85 s each), and what the training loop adds to the compiled pieces, reading each
 # step in order and one step behind (the CUDA default since 2026-11-27); the stage limits

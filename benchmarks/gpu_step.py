@@ -119,8 +119,9 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--compile",
         nargs="+",
-        choices=("pieces", "step"),
-        help="only the torch.compile variants, in this order",
+        choices=("pieces", "pieces-solve", "step"),
+        help="only the torch.compile variants, in this order (pieces: one compiled "
+        "Hessian-vector product per solver step; pieces-solve: the solve as one piece)",
     )
     ap.add_argument("--compile-conv", default="fastest", choices=("fastest", *CONVS))
     ap.add_argument("--compile-hvp", nargs="+", default=["rev"], choices=("rev", "fwd"))
@@ -202,7 +203,8 @@ def main(argv=None) -> int:
             ):
                 # one compiled step: the graph captures it, and it is timed eager too
                 alg = imaml(flat=True, hvp_mode=hvp)
-                step = MetaStep(alg, mode=graph, compile=mode)
+                solve = {"pieces": False, "pieces-solve": True}.get(mode)
+                step = MetaStep(alg, mode=graph, compile=mode.split("-")[0], solve_piece=solve)
                 name = mode + ("-hvp-fwd" if hvp == "fwd" else "")
                 name += "-channels-last" if layout == "channels-last" else ""
                 # inductor leaves vmap's grouped convolutions in NCHW unless forced, and

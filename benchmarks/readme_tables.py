@@ -134,7 +134,13 @@ def main() -> int:
             if m == "rev":
                 print(f"| {t} | {p} | {rows[(t, p, 'rev')]:.1f} | {rows[(t, p, 'fwd')]:.1f} |")
         print()
-    for name in ("peers", "peers_pieces_chunk8", "peers_pieces_nchw", "peers_pieces_nchw_2"):
+    for name in (
+        "peers",
+        "peers_pieces_chunk8",
+        "peers_pieces_nchw",
+        "peers_pieces_nchw_2",
+        "peers_pieces_solve",
+    ):
         r = load(name)
         if r:
             peers_table(r)

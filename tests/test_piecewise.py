@@ -44,15 +44,20 @@ def _equal(a, b):
         assert torch.allclose(sa[k].double(), v.double(), rtol=1e-12, atol=1e-14, equal_nan=True), k
 
 
+@pytest.mark.parametrize("solve_piece", [False, True], ids=["matvec", "solve-piece"])
 @pytest.mark.parametrize("kw", SETTINGS)
-def test_piecewise_equals_the_vmap_path_in_float64(kw):
+def test_piecewise_equals_the_vmap_path_in_float64(kw, solve_piece):
+    """The solver through one product per step (``matvec``) or as one piece (``solve``)."""
     model, theta, batch = conv_setup(torch.float64, T=3)
     alg = make_algorithm("imaml", model=model, **{"inner_steps": 3, "lam": 0.5, **kw})
-    out = alg.meta_grad_piecewise(theta, batch, alg.pieces())
+    pieces = alg.pieces(solve_piece=solve_piece)
+    assert (pieces.solve is not None) == solve_piece
+    out = alg.meta_grad_piecewise(theta, batch, pieces)
     _equal(out, alg.meta_grad_tensors(theta, batch))
     # not comparing a thing with itself: another λ changes the answer
     other = make_algorithm("imaml", model=model, **{"inner_steps": 3, "lam": 2.0, **kw})
-    assert rel(other.meta_grad_piecewise(theta, batch, other.pieces())[0], out[0]) > 1e-6
+    got = other.meta_grad_piecewise(theta, batch, other.pieces(solve_piece=solve_piece))
+    assert rel(got[0], out[0]) > 1e-6
 
 
 def test_piecewise_regression_with_forward_over_reverse_products(f64):
@@ -67,19 +72,21 @@ def test_piecewise_regression_with_forward_over_reverse_products(f64):
     _equal(alg.meta_grad_piecewise(theta, batch, alg.pieces()), ref)
 
 
-def test_piecewise_skips_non_finite_tasks_like_the_vmap_path():
+@pytest.mark.parametrize("solve_piece", [False, True], ids=["matvec", "solve-piece"])
+def test_piecewise_skips_non_finite_tasks_like_the_vmap_path(solve_piece):
     model, theta, batch = conv_setup(torch.float64, T=3)
     sx = batch.support_x.clone()
     sx[1] = float("nan")
     bad = TaskBatch(sx, *batch[1:])
     alg = make_algorithm("imaml", model=model, inner_steps=2)
-    out = alg.meta_grad_piecewise(theta, bad, alg.pieces())
+    out = alg.meta_grad_piecewise(theta, bad, alg.pieces(solve_piece=solve_piece))
     assert out[1]["skipped"].tolist() == [False, True, False]
     _equal(out, alg.meta_grad_tensors(theta, bad))
 
 
+@pytest.mark.parametrize("solve_piece", [False, True], ids=["matvec", "solve-piece"])
 @pytest.mark.parametrize("chunk", [1, 2, 4])
-def test_task_chunks_give_the_whole_batch_meta_gradient(chunk):
+def test_task_chunks_give_the_whole_batch_meta_gradient(chunk, solve_piece):
     """Chunks of tasks (the last one smaller) go through the pieces one after another; a
     non-finite task in one chunk is dropped from the mean over all of them."""
     model, theta, batch = conv_setup(torch.float64, T=5)
@@ -89,7 +96,7 @@ def test_task_chunks_give_the_whole_batch_meta_gradient(chunk):
     whole = make_algorithm("imaml", model=model, inner_steps=2)
     alg = make_algorithm("imaml", model=model, inner_steps=2, task_chunk=chunk)
     for b in (batch, bad):
-        out = alg.meta_grad_piecewise(theta, b, alg.pieces())
+        out = alg.meta_grad_piecewise(theta, b, alg.pieces(solve_piece=solve_piece))
         _equal(out, whole.meta_grad_tensors(theta, b))
     assert out[1]["skipped"].tolist() == [False, False, False, True, False]
 
@@ -149,11 +156,14 @@ def test_config_and_cli_compile_modes():
 
 
 @needs_cxx
-@pytest.mark.parametrize(("chunk", "graphs"), [(None, 3), (2, 6)])
-def test_compiled_pieces_equal_eager_in_float64(f64, chunk, graphs):
+@pytest.mark.parametrize(
+    ("chunk", "solve_piece", "graphs"), [(None, None, 3), (2, None, 6), (None, False, 3)]
+)
+def test_compiled_pieces_equal_eager_in_float64(f64, chunk, solve_piece, graphs):
     """Small MLP (compiling is slow on 2 cores); one compiled program per piece and batch
     shape (3 tasks in chunks of 2: two shapes), reused by every inner step and every
-    solver step, and again on the next call."""
+    solver step, and again on the next call. On the CPU the solver is one piece by
+    default (CPU_SOLVE_PIECE); ``solve_piece=False`` compiles the product instead."""
     from torch._dynamo.utils import counters
 
     g = torch.Generator().manual_seed(0)
@@ -163,13 +173,15 @@ def test_compiled_pieces_equal_eager_in_float64(f64, chunk, graphs):
     batch = TaskBatch(x(), x(), x(), x())
     hp = {"loss": "mse", "inner_steps": 3, "cg_steps": 3}
     ref = make_algorithm("imaml", model=model, **hp)
-    step = MetaStep(make_algorithm("imaml", model=model, task_chunk=chunk, **hp), compile="pieces")
+    alg = make_algorithm("imaml", model=model, task_chunk=chunk, **hp)
+    step = MetaStep(alg, compile="pieces", solve_piece=solve_piece)
+    assert step.solve_piece is (solve_piece is not False)
     torch._dynamo.reset()  # dynamo's per-code entries are per process: start afresh
     counters.clear()
     for shift in (0.0, 0.5):
         b = TaskBatch(batch.support_x + shift, *batch[1:])
         _equal(step(theta, b), ref.meta_grad(theta, b))
-    assert counters["stats"]["unique_graphs"] == graphs  # inner step, linearisation, matvec
+    assert counters["stats"]["unique_graphs"] == graphs  # inner step, linearisation, solve
 
 
 @needs_cxx
@@ -205,12 +217,24 @@ def test_cpu_pieces_compile_with_our_inductor_options(monkeypatch):
     alg = make_algorithm("imaml", model=conv_setup()[0])
     assert cuda_graph.CPU_PIECES_OPTIONS == {"layout_optimization": False}
     MetaStep(alg, compile="pieces")
-    assert seen == [cuda_graph.CPU_PIECES_OPTIONS] * 3  # inner step, linearisation, matvec
+    assert seen == [cuda_graph.CPU_PIECES_OPTIONS] * 4  # inner step, linearisation, matvec, solve
     seen.clear()
     MetaStep(alg, compile="step")
     assert seen == [None]
     seen.clear()
     MetaStep(alg, compile="pieces", compile_options={"max_autotune": False})
-    assert seen == [{"max_autotune": False}] * 3
+    assert seen == [{"max_autotune": False}] * 4
     with pytest.raises(RuntimeError, match="no_such_option"):
         MetaStep(alg, compile="pieces", compile_options={"no_such_option": 1})
+    seen.clear()
+    MetaStep(alg, compile="pieces", solve_piece=False)
+    assert seen == [cuda_graph.CPU_PIECES_OPTIONS] * 3
+
+
+@pytest.mark.parametrize(
+    ("compile", "solve_piece"), [("step", True), ("off", False), ("pieces", "yes")]
+)
+def test_solve_piece_only_for_compiled_pieces(compile, solve_piece):
+    alg = make_algorithm("imaml", model=conv_setup()[0])
+    with pytest.raises(ValueError, match="solve_piece"):
+        MetaStep(alg, compile=compile, solve_piece=solve_piece)

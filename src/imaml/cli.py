@@ -74,8 +74,9 @@ HELP = {
     "bare --compile: the whole step as one program; compiles for 5-8 minutes on 2 CPU cores "
     "for omniglot-5w1s, then 1.35-1.9x faster steps there) or pieces (iMAML with gd: one "
     "inner step, the query gradient and one Hessian-vector product, each compiled once and "
-    "reused by the loops; compiles in 65-80 s on 2 CPU cores or an H200; 1.26x faster "
-    "training steps on 2 CPU cores, and half the H200's meta-step); an explicit mode that "
+    "reused by the loops; compiles in 65-80 s on an H200, where it halves the meta-step; "
+    "on the CPU the whole solve is one piece instead of the product: ~3 minutes to compile "
+    "on 2 cores, then training steps 1.42x faster than uncompiled there); an explicit mode that "
     "fails to compile is an error. See benchmarks/cpu_variants.py and benchmarks/gpu_step.py",
     "cpu_malloc": "keep (default) or system: on the CPU, let glibc's malloc keep freed memory "
     "for reuse, so the meta-step's large tensors are not page-faulted in afresh every step "

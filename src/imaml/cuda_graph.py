@@ -27,7 +27,9 @@ of ``IMAML.meta_grad_piecewise`` instead, one inner step, the query gradient and
 Hessian-vector product, each once, and runs the inner and solver loops over them: about
 80 s to compile on 2 CPU cores or on the H200, exact in float64 (tests/test_piecewise.py).
 On the CPU they compile with ``CPU_PIECES_OPTIONS`` (no channels-last layouts; see there);
-``compile_options`` replaces those with inductor options of one's own.
+``compile_options`` replaces those with inductor options of one's own. On the CPU the
+whole linear solve is a piece of its own instead of the product (``CPU_SOLVE_PIECE``:
+~8% less time per step, ~170 s to compile); ``solve_piece`` chooses either way.
 On CUDA either compiled step is what the graph captures; compiled pieces in the graph
 measured 16.4–17.6 ms per omniglot-5w1s meta-step on an H200, against 32 ms for the eager
 graph (benchmarks/gpu_step.py).
@@ -57,7 +59,9 @@ COMPILE = ("off", "step", "pieces")  # torch.compile: not at all, the whole step
 # device type (2026-11-27, omniglot-5w1s): on an H200 they cut the step from 32 to
 # 16.4-17.6 ms and compile in 43-84 s, repaid after ~3,000-6,000 steps; on 2 CPU cores
 # training steps took 0.92 instead of 1.16 s after a 65 s compile, repaid after ~270 steps
-# (docs/benchmarks/train_pieces_vs_eager_cpu.json)
+# (docs/benchmarks/train_pieces_vs_eager_cpu.json); with the solve piece (below) 0.91
+# against 1.29 s eager on another day, after ~170 s of compilation: repaid after ~450 steps
+# (train_solve_vs_eager_cpu.json)
 AUTO_COMPILE_MIN_STEPS = {"cuda": 5000, "cpu": 1000}
 # inductor options for compile="pieces" on the CPU. There inductor lays every convolution
 # out channels-last (oneDNN), and the batch normalisations between them then reduce down
@@ -65,6 +69,13 @@ AUTO_COMPILE_MIN_STEPS = {"cuda": 5000, "cpu": 1000}
 # ~100 ms. Plain NCHW took 4-9% less time per step at the peer setting and 8-16% less at
 # the preset's (docs/benchmarks/cpu_pieces_layout{,_q1}.json and ad hoc pairs).
 CPU_PIECES_OPTIONS = {"layout_optimization": False}
+# compile="pieces" on the CPU compiles the linear solve as one piece (IMAML.pieces'
+# solve_piece): the support gradient linearised once per task instead of recomputed at
+# each solver step. Interleaved in one process (2026-11-27, 2 cores, freed memory kept):
+# 0.786 against 0.859 s per step at omniglot-5w1s, 1.105 against 1.193 s at the peer
+# setting, for 170 instead of 52-62 s of compilation (docs/benchmarks/cpu_pieces_solve*).
+# On CUDA the pieces keep one compiled product per solver step (what was measured there).
+CPU_SOLVE_PIECE = True
 
 
 def auto_compile(alg: MetaAlgorithm, device: torch.device | str, *, steps: int) -> str:
@@ -146,6 +157,7 @@ class MetaStep:
         max_graphs: int = 4,
         fallback: bool = False,
         compile_options: dict | None = None,
+        solve_piece: bool | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"cuda_graph must be one of {MODES}, got {mode!r}")
@@ -156,10 +168,19 @@ class MetaStep:
             raise ValueError(f"compile must be True, False or one of {COMPILE}, got {compile!r}")
         if self.compile != "off" and not alg.batched:
             raise ValueError("compile needs the batched (vmap) path")
+        if solve_piece is not None and (
+            self.compile != "pieces" or not isinstance(solve_piece, bool)
+        ):
+            raise ValueError(
+                f"solve_piece (True/False) applies to compile='pieces', got {solve_piece!r} "
+                f"with compile={compile!r}"
+            )
         self.alg = alg
+        on_cpu = next(alg.model.parameters()).device.type == "cpu"
         if compile_options is None:  # ours: CPU_PIECES_OPTIONS for the pieces on the CPU
-            on_cpu = next(alg.model.parameters()).device.type == "cpu"
             compile_options = CPU_PIECES_OPTIONS if self.compile == "pieces" and on_cpu else {}
+        # the solver as one piece: the default on the CPU (CPU_SOLVE_PIECE)
+        self.solve_piece = on_cpu and CPU_SOLVE_PIECE if solve_piece is None else solve_piece
         self.compile_options = dict(compile_options)
         # static shapes: one specialised program per batch shape, as the graphs
         options = self.compile_options or None
@@ -167,7 +188,7 @@ class MetaStep:
         if self.compile == "pieces":
             if (why := piecewise_unsupported(alg, algo=alg.name)) is not None:
                 raise ValueError(f"compile='pieces' does not support {why}; use compile='step'")
-            pieces = alg.pieces(wrap)
+            pieces = alg.pieces(wrap, solve_piece=self.solve_piece)
             self.step = lambda params, batch: alg.meta_grad_piecewise(params, batch, pieces)
         elif self.compile == "step":
             self.step = wrap(alg.meta_grad_tensors)

@@ -47,11 +47,13 @@ def piecewise_unsupported(settings, *, algo: str) -> str | None:
 
 
 class Pieces(NamedTuple):
-    """The three batched functions of ``IMAML.meta_grad_piecewise`` (see there)."""
+    """The batched functions of ``IMAML.meta_grad_piecewise`` (see there): ``solve`` is
+    None unless the solver runs as one piece (``pieces(solve_piece=True)``)."""
 
     inner_step: Callable
     linearize: Callable
     matvec: Callable
+    solve: Callable | None = None
 
 
 class IMAML(MetaAlgorithm):
@@ -200,9 +202,20 @@ class IMAML(MetaAlgorithm):
         """Why ``meta_grad_piecewise`` does not apply to these settings (None if it does)."""
         return piecewise_unsupported(self, algo=self.name)
 
-    def pieces(self, wrap: Callable[[Callable], Callable] = lambda f: f) -> Pieces:
+    def pieces(
+        self, wrap: Callable[[Callable], Callable] = lambda f: f, *, solve_piece: bool = False
+    ) -> Pieces:
         """The batched functions ``meta_grad_piecewise`` calls, each ``wrap``ped once
         (``torch.compile`` in ``imaml.cuda_graph.MetaStep``).
+
+        ``solve_piece=True`` adds ``solve``, the whole linear solve as one piece: the
+        support gradient is linearised once per task and the solver's steps reuse it, as
+        on the vmap path (a bigger program to compile, and no forward and backward pass
+        repeated per solver step). Without it the solver calls ``matvec`` once per step,
+        which recomputes the gradient at φ (a compiled piece cannot keep the
+        linearisation between calls; linearising by ``torch.autograd`` outside vmap
+        instead gets batch normalisation's second derivatives wrong in PyTorch 2.13,
+        tests/test_autodiff.py).
 
         Each piece is its own function calling ``vmap`` inside, not ``vmap``'s wrapper
         itself: dynamo keeps at most 8 compiled entries per code object, and the three
@@ -222,7 +235,15 @@ class IMAML(MetaAlgorithm):
         def matvec(phi, sx, sy, u):
             return vmap(self._piece_matvec)(phi, sx, sy, u)
 
-        return Pieces(inner_step=wrap(inner_step), linearize=wrap(linearize), matvec=wrap(matvec))
+        def solve(phi, sx, sy, v):
+            return vmap(self._piece_solve)(phi, sx, sy, v)
+
+        return Pieces(
+            inner_step=wrap(inner_step),
+            linearize=wrap(linearize),
+            matvec=wrap(matvec),
+            solve=wrap(solve) if solve_piece else None,
+        )
 
     def _piece_inner_step(self, theta, phi, sx, sy):
         """One step of the inner loop (gradient descent on G, or on L̂ for the
@@ -251,19 +272,38 @@ class IMAML(MetaAlgorithm):
         )
         return A(u)
 
+    def _piece_solve(self, phi, sx, sy, v):
+        """The task's g = (I + H/λ)⁻¹v (with the damping of ``implicit_operator``) and the
+        solver's diagnostics, H linearised once at φ."""
+        g, info, _ = solve_implicit(
+            self.loss_of(sx, sy),
+            v,
+            phi,
+            lam=self.lam,
+            solver=self.solver,
+            steps=self.cg_steps,
+            tol=self.cg_tol,
+            cg_damping=self.cg_damping,
+            lam_damping=self.lam_damping,
+            hvp_mode=self.hvp_mode,
+        )
+        return g, info
+
     def meta_grad_piecewise(
         self, params: Params, batch: TaskBatch, pieces: Pieces
     ) -> tuple[Params, dict[str, Tensor]]:
         """``meta_grad_tensors`` with the inner loop and the linear solver outside vmap.
 
         The same math as the vmap path (equal in float64, tests/test_piecewise.py): the
-        inner loop calls the batched ``pieces.inner_step`` ``inner_steps`` times, the
-        solver runs on T systems at once (``imaml.linalg``'s row-wise mode) and calls the
-        batched ``pieces.matvec`` once per step. Each piece is one small program, so
-        ``torch.compile`` compiles it once and the loops reuse it, instead of compiling
-        the whole unrolled step (minutes). The Hessian-vector product is recomputed from
+        inner loop calls the batched ``pieces.inner_step`` ``inner_steps`` times, and the
+        solver either runs on T systems at once (``imaml.linalg``'s row-wise mode) calling
+        the batched ``pieces.matvec`` once per step, or is one piece itself
+        (``pieces.solve``). Each piece is one small program, so ``torch.compile``
+        compiles it once and the loops reuse it, instead of compiling the whole unrolled
+        step (minutes). Through ``matvec`` the Hessian-vector product is recomputed from
         φ at each solver step (one forward and backward more per step than the vmap path's
-        linearisation, which a compiled piece cannot keep between calls).
+        linearisation, which a compiled piece cannot keep between calls); ``solve``
+        linearises once, like the vmap path, at a longer compilation.
         With ``task_chunk`` the tasks go through all of this ``task_chunk`` at a time (the
         last chunk may be smaller, as with the vmap path's chunks), which bounds memory and
         keeps a chunk's tensors in the CPU's caches across its inner steps and products;
@@ -296,21 +336,25 @@ class IMAML(MetaAlgorithm):
             phi = pieces.inner_step(theta, phi, sx, sy)
         phi = pull_back(phi, theta, lam=self.lam, inner_lr=self.inner_lr, variant=self.variant)
         v, stats, q_metrics = pieces.linearize(theta, phi, sx, sy, qx, qy)
-        b, unravel = ravel(v, batch_dims=1)  # (T, n): one system per task
+        if pieces.solve is not None:
+            g, info = pieces.solve(phi, sx, sy, v)
+        else:
+            b, unravel = ravel(v, batch_dims=1)  # (T, n): one system per task
 
-        def A(x):
-            return ravel(pieces.matvec(phi, sx, sy, unravel(x)), batch_dims=1)[0]
+            def A(x):
+                return ravel(pieces.matvec(phi, sx, sy, unravel(x)), batch_dims=1)[0]
 
-        x, info = solve(A, b, method=self.solver, steps=self.cg_steps, tol=self.cg_tol)
+            x, info = solve(A, b, method=self.solver, steps=self.cg_steps, tol=self.cg_tol)
+            g = unravel(x)
         stats = {
             **stats,
-            "inner_iterations": torch.full((T,), self.inner_steps, device=b.device),
+            "inner_iterations": torch.full((T,), self.inner_steps, device=sx.device),
             "solver_residual": info["residual"],
             "solver_iterations": info["iterations"],
             "negative_curvature": info["negative_curvature"],
             **q_metrics,
         }  # the keys in task_meta_grad's order
-        return unravel(x), stats
+        return g, stats
 
     def hyperparameters(self) -> dict:
         return {
