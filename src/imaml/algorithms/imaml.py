@@ -165,18 +165,7 @@ class IMAML(MetaAlgorithm):
             return loss, ({} if metric is None else {"query_accuracy": metric})
 
         v, (q_loss, q_metrics) = grad_and_value(query, has_aux=True)(phi)
-        g, info, support_grad = solve_implicit(
-            support_loss,
-            v,
-            phi,
-            lam=lam,
-            solver=self.solver,
-            steps=self.cg_steps,
-            tol=self.cg_tol,
-            cg_damping=self.cg_damping,
-            lam_damping=self.lam_damping,
-            hvp_mode=self.hvp_mode,
-        )
+        g, info, support_grad = self._solve(support_loss, v, phi, lam=lam)
         grad_G = proximal_gradient(support_grad, phi, model_theta, lam=lam)
         stats = {
             "support_loss": support_loss(phi),
@@ -196,6 +185,22 @@ class IMAML(MetaAlgorithm):
             g.update({f"{LOG_LAM}:{k}": glog[k] for k in glog})
             stats["lam"] = sum(lam.values()) / len(lam) * torch.ones_like(q_loss)
         return g, stats
+
+    def _solve(self, support_loss, v, phi, *, lam):
+        """``solve_implicit`` with this algorithm's solver settings (the vmap path's and
+        the solve piece's one call)."""
+        return solve_implicit(
+            support_loss,
+            v,
+            phi,
+            lam=lam,
+            solver=self.solver,
+            steps=self.cg_steps,
+            tol=self.cg_tol,
+            cg_damping=self.cg_damping,
+            lam_damping=self.lam_damping,
+            hvp_mode=self.hvp_mode,
+        )
 
     # -- the same meta-gradient with the loops outside vmap --------------------------
     def piecewise_unsupported(self) -> str | None:
@@ -275,18 +280,7 @@ class IMAML(MetaAlgorithm):
     def _piece_solve(self, phi, sx, sy, v):
         """The task's g = (I + H/λ)⁻¹v (with the damping of ``implicit_operator``) and the
         solver's diagnostics, H linearised once at φ."""
-        g, info, _ = solve_implicit(
-            self.loss_of(sx, sy),
-            v,
-            phi,
-            lam=self.lam,
-            solver=self.solver,
-            steps=self.cg_steps,
-            tol=self.cg_tol,
-            cg_damping=self.cg_damping,
-            lam_damping=self.lam_damping,
-            hvp_mode=self.hvp_mode,
-        )
+        g, info, _ = self._solve(self.loss_of(sx, sy), v, phi, lam=self.lam)
         return g, info
 
     def meta_grad_piecewise(
