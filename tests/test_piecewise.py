@@ -238,3 +238,4 @@ def test_solve_piece_only_for_compiled_pieces(compile, solve_piece):
     alg = make_algorithm("imaml", model=conv_setup()[0])
     with pytest.raises(ValueError, match="solve_piece"):
         MetaStep(alg, compile=compile, solve_piece=solve_piece)
+    assert MetaStep(alg, compile=compile if compile != "pieces" else "off").solve_piece is False

@@ -179,8 +179,10 @@ class MetaStep:
         on_cpu = next(alg.model.parameters()).device.type == "cpu"
         if compile_options is None:  # ours: CPU_PIECES_OPTIONS for the pieces on the CPU
             compile_options = CPU_PIECES_OPTIONS if self.compile == "pieces" and on_cpu else {}
-        # the solver as one piece: the default on the CPU (CPU_SOLVE_PIECE)
-        self.solve_piece = on_cpu and CPU_SOLVE_PIECE if solve_piece is None else solve_piece
+        # the solver as one piece: the default for the pieces on the CPU (CPU_SOLVE_PIECE)
+        if solve_piece is None:
+            solve_piece = self.compile == "pieces" and on_cpu and CPU_SOLVE_PIECE
+        self.solve_piece = solve_piece
         self.compile_options = dict(compile_options)
         # static shapes: one specialised program per batch shape, as the graphs
         options = self.compile_options or None
