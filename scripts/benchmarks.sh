@@ -25,6 +25,16 @@ $PY cpu_variants.py --repeats 7 --malloc keep --name cpu_pieces_chunks \
     --variants pieces-cold pieces-chunk4 pieces-chunk8 pieces-chunk16
 $PY peers.py --impls ours-pieces-cg,ours-pieceschunk8-cg --mallocs keep,system --repeats 5 \
     --name peers_pieces_chunk8
+$PY cpu_variants.py --repeats 7 --malloc keep --name cpu_pieces_layout \
+    --variants pieces-cold pieces-channels-last
+$PY cpu_variants.py --repeats 9 --malloc keep --queries 1 --name cpu_pieces_layout_q1 \
+    --variants pieces-cold pieces-channels-last
+$PY cpu_variants.py --repeats 5 --malloc keep --name cpu_pieces_solve \
+    --variants pieces-cold pieces-solve
+$PY cpu_variants.py --repeats 7 --malloc keep --queries 1 --name cpu_pieces_solve_q1 \
+    --variants pieces-cold pieces-solve
+$PY peers.py --impls ours-pieces-cg,ours-loop-cg,torchopt-cg,torchopt-example \
+    --mallocs system,keep --repeats 5 --name peers_pieces_solve
 $PY distributed_throughput.py
 $PY float32_sensitivity.py
 $PY train_overhead.py
