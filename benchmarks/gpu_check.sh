@@ -27,12 +27,26 @@
 # 354 s on an H200 on 2026-11-27: tests 54 s, compile stage 93 s, training 150 s):
 #   STAGES="device tests compile train" COMPILE_S=300 TRAIN_ARGS="--compile pieces" \
 #   bash benchmarks/gpu_check.sh 150
-# or, NEXT (not yet run on a GPU): the solver as one compiled piece (the CPU's default since
-# 2026-11-27: the gradient linearised once per task, not recomputed at each of the 5
-# products; 7-11% less per step on 2 CPU cores, ~2.5x the compile time there) against the
-# product piece:
+# or, NEXT (not yet run on a GPU): the solver as one compiled piece (the default since
+# 2026-11-27, on the CPU measured, on CUDA pending: the gradient linearised once per task,
+# not recomputed at each of the 5 products; 7-11% less per step on 2 CPU cores, ~2.5x the
+# compile time there) with forward-over-reverse products (the fastest product pieces,
+# 16.4 ms on an H200), then a training run that uses it (--compile pieces takes the solve
+# piece by default; the pieces come from the compile stage's inductor cache: ~20 s instead
+# of ~100 s for their first call on 2 CPU cores); then, in the
+# time left, whether channels-last convolutions remove cuDNN's layout transposes (27% of
+# the compiled product pieces' kernel time on an H200), with the product pieces:
+#   S=$(date +%s); STAGES="device tests compile train" COMPILE_S=260 \
+#   COMPILE_MODES="pieces-solve pieces" STEP_ARGS="--repeats 20 --compile-hvp fwd" \
+#   TRAIN_ARGS="--hvp-mode fwd" bash benchmarks/gpu_check.sh 110; STAGES=compile \
+#   COMPILE_S=$((585 - $(date +%s) + S)) OUT=${OUT:-docs/benchmarks/gpu}/cl \
+#   STEP_ARGS="--repeats 20 --compile-hvp fwd --compile-layout channels-last" \
+#   bash benchmarks/gpu_check.sh
+# (the training run's --compile auto picks the pieces, with the solve piece, for the
+# preset's 20,000 steps and falls back to the eager graph if they fail)
+# or the solve piece against the product piece, both rev and fwd:
 #   STAGES="device tests compile" COMPILE_S=420 COMPILE_MODES="pieces-solve pieces" \
-#   STEP_ARGS="--repeats 20" bash benchmarks/gpu_check.sh
+#   STEP_ARGS="--repeats 20 --compile-hvp fwd rev" bash benchmarks/gpu_check.sh
 # or, also not yet run: whether channels-last convolutions remove cuDNN's layout
 # transposes (27% of the compiled pieces' kernel time on an H200, 2026-11-27; two compiles
 # of 70-85 s each), and what the training loop adds to the compiled pieces, reading each

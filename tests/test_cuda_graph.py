@@ -169,9 +169,12 @@ def test_graph_replay_raises_when_every_task_is_non_finite():
 
 
 @cuda
-@pytest.mark.parametrize("compile", [True, "pieces"])
-def test_compiled_step_in_a_graph_equals_eager_in_float64(compile):
-    """On CUDA the torch.compile'd step (whole, or in pieces) is what the graph captures."""
+@pytest.mark.parametrize(
+    ("compile", "solve_piece"), [(True, None), ("pieces", None), ("pieces", False)]
+)
+def test_compiled_step_in_a_graph_equals_eager_in_float64(compile, solve_piece):
+    """On CUDA the torch.compile'd step (whole, or in pieces: the solve as one piece, the
+    default, or one product per solver step) is what the graph captures."""
     from imaml.models import MLP
 
     g = torch.Generator().manual_seed(0)
@@ -180,7 +183,8 @@ def test_compiled_step_in_a_graph_equals_eager_in_float64(compile):
     x = lambda: torch.rand(3, 5, 1, generator=g, dtype=torch.float64).cuda()
     batch = TaskBatch(x(), x(), x(), x())
     alg = make_algorithm("imaml", model=model, loss="mse", inner_steps=2, cg_steps=2)
-    step = MetaStep(alg, mode="on", compile=compile)
+    step = MetaStep(alg, mode="on", compile=compile, solve_piece=solve_piece)
+    assert step.solve_piece is (compile == "pieces" and solve_piece is None)
     for shift in (0.0, 0.5):
         b = TaskBatch(batch.support_x + shift, *batch[1:])
         assert rel(step(theta, b)[0], alg.meta_grad(theta, b)[0]) < 1e-12
@@ -188,12 +192,13 @@ def test_compiled_step_in_a_graph_equals_eager_in_float64(compile):
 
 
 @cuda
-def test_piecewise_step_in_a_graph_equals_the_vmap_path():
+@pytest.mark.parametrize("solve_piece", [False, True], ids=["matvec", "solve-piece"])
+def test_piecewise_step_in_a_graph_equals_the_vmap_path(solve_piece):
     """The piecewise step (uncompiled pieces) captured as a CUDA graph, fresh inputs."""
     model, theta, _ = conv_setup(device="cuda", channels=16, T=4)
     alg = make_algorithm("imaml", model=model, inner_steps=4, flat=True)
     step = MetaStep(alg, mode="on")
-    pieces = alg.pieces()
+    pieces = alg.pieces(solve_piece=solve_piece)
     step.step = lambda p, b: alg.meta_grad_piecewise(p, b, pieces)
     for seed in range(2):
         _, _, batch = conv_setup(device="cuda", channels=16, T=4, seed=seed + 1)

@@ -97,6 +97,7 @@ def test_sampler_and_network_shapes(tmp_path):
     b = tasks.sample(2, generator=torch.Generator().manual_seed(0))
     assert b.support_x.shape == (2, 5, 3, 84, 84) and b.query_x.shape == (2, 15, 3, 84, 84)
     assert torch.equal(b.query_y[0], torch.arange(5).repeat_interleave(3))
+    assert all(t.is_contiguous() for t in b)  # as the compiled step's benchmarks draw them
     out = MiniImagenetConvNet(5)(b.support_x[0])
     assert out.shape == (5, 5)
     with pytest.raises(ValueError, match="exceeds"):

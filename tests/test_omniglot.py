@@ -269,6 +269,16 @@ def test_sampler_invariants(small):
     assert not torch.equal(b.support_x, other.support_x)
 
 
+@pytest.mark.parametrize(("k_shot", "k_query"), [(1, 1), (2, 4)])
+def test_sampled_batches_are_contiguous(small, k_shot, k_query):
+    """The compiled meta-step specialises on strides: a batch drawn in training must look
+    like any other of its shape (with one image per class a slice of the drawings would
+    otherwise stay a strided view)."""
+    tasks = OmniglotTasks(small, [0, 1, 2, 3, 4], n_way=3, k_shot=k_shot, k_query=k_query)
+    b = tasks.sample(4, generator=torch.Generator().manual_seed(0))
+    assert all(t.is_contiguous() for t in b)
+
+
 def test_sampler_only_uses_its_split_classes(small):
     tasks = OmniglotTasks(small, [6, 7, 8], n_way=3, k_shot=1, k_query=1, rotate=False)
     b = tasks.sample(4, generator=torch.Generator().manual_seed(0))

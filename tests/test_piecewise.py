@@ -163,7 +163,7 @@ def test_compiled_pieces_equal_eager_in_float64(f64, chunk, solve_piece, graphs)
     """Small MLP (compiling is slow on 2 cores); one compiled program per piece and batch
     shape (3 tasks in chunks of 2: two shapes), reused by every inner step and every
     solver step, and again on the next call. On the CPU the solver is one piece by
-    default (CPU_SOLVE_PIECE); ``solve_piece=False`` compiles the product instead."""
+    default (SOLVE_PIECE); ``solve_piece=False`` compiles the product instead."""
     from torch._dynamo.utils import counters
 
     g = torch.Generator().manual_seed(0)

@@ -28,8 +28,8 @@ Hessian-vector product, each once, and runs the inner and solver loops over them
 80 s to compile on 2 CPU cores or on the H200, exact in float64 (tests/test_piecewise.py).
 On the CPU they compile with ``CPU_PIECES_OPTIONS`` (no channels-last layouts; see there);
 ``compile_options`` replaces those with inductor options of one's own. On the CPU the
-whole linear solve is a piece of its own instead of the product (``CPU_SOLVE_PIECE``:
-~8% less time per step, ~170 s to compile); ``solve_piece`` chooses either way.
+whole linear solve is a piece of its own instead of the product (``SOLVE_PIECE``: ~8%
+less time per step on the CPU, ~170 s to compile); ``solve_piece`` chooses either way.
 On CUDA either compiled step is what the graph captures; compiled pieces in the graph
 measured 16.4–17.6 ms per omniglot-5w1s meta-step on an H200, against 32 ms for the eager
 graph (benchmarks/gpu_step.py).
@@ -74,8 +74,11 @@ CPU_PIECES_OPTIONS = {"layout_optimization": False}
 # each solver step. Interleaved in one process (2026-11-27, 2 cores, freed memory kept):
 # 0.786 against 0.859 s per step at omniglot-5w1s, 1.105 against 1.193 s at the peer
 # setting, for 170 instead of 52-62 s of compilation (docs/benchmarks/cpu_pieces_solve*).
-# On CUDA the pieces keep one compiled product per solver step (what was measured there).
-CPU_SOLVE_PIECE = True
+# On CUDA the same holds in principle (an uncompiled product piece cost +4.5 ms per step on
+# an H200 against the vmap path, which linearises once: the graph-pieces row of
+# gpu_step_compiled.json), so the solve piece is the default there too, pending its
+# measurement on a GPU (benchmarks/gpu_check.sh).
+SOLVE_PIECE = {"cpu": True, "cuda": True}
 
 
 def auto_compile(alg: MetaAlgorithm, device: torch.device | str, *, steps: int) -> str:
@@ -176,12 +179,13 @@ class MetaStep:
                 f"with compile={compile!r}"
             )
         self.alg = alg
-        on_cpu = next(alg.model.parameters()).device.type == "cpu"
+        kind = next(alg.model.parameters()).device.type
+        on_cpu = kind == "cpu"
         if compile_options is None:  # ours: CPU_PIECES_OPTIONS for the pieces on the CPU
             compile_options = CPU_PIECES_OPTIONS if self.compile == "pieces" and on_cpu else {}
-        # the solver as one piece: the default for the pieces on the CPU (CPU_SOLVE_PIECE)
+        # the solver as one piece: the default for the pieces per device type (SOLVE_PIECE)
         if solve_piece is None:
-            solve_piece = self.compile == "pieces" and on_cpu and CPU_SOLVE_PIECE
+            solve_piece = self.compile == "pieces" and SOLVE_PIECE.get(kind, False)
         self.solve_piece = solve_piece
         self.compile_options = dict(compile_options)
         # static shapes: one specialised program per batch shape, as the graphs

@@ -185,6 +185,6 @@ class MiniImagenetTasks:
             per = torch.stack(per)  # (N, K+Q, 3, 84, 84)
             xs.append(per[:, :K].reshape(N * K, 3, SIZE, SIZE))
             xq.append(per[:, K:].reshape(N * Q, 3, SIZE, SIZE))
-        y = lambda k: torch.arange(N).repeat_interleave(k).expand(num_tasks, N * k)
+        y = lambda k: torch.arange(N).repeat_interleave(k).expand(num_tasks, N * k).contiguous()
         to = lambda xs: torch.stack(xs).to(dtype).div_(255.0)
         return TaskBatch(to(xs), y(K), to(xq), y(Q))

@@ -429,4 +429,6 @@ class OmniglotTasks:
             x[:, :, K:].reshape(T, N * Q, 1, SIZE, SIZE),
         )
         sy, qy = y[:, :, :K].reshape(T, N * K), y[:, :, K:].reshape(T, N * Q)
-        return TaskBatch(sx, sy, qx, qy)
+        # contiguous: the compiled meta-step specialises on strides, and these views' would
+        # differ from those of any other batch of the same shape (the benchmarks')
+        return TaskBatch(*(t.contiguous() for t in (sx, sy, qx, qy)))
