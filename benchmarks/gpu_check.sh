@@ -27,35 +27,28 @@
 # 354 s on an H200 on 2026-11-27: tests 54 s, compile stage 93 s, training 150 s):
 #   STAGES="device tests compile train" COMPILE_S=300 TRAIN_ARGS="--compile pieces" \
 #   bash benchmarks/gpu_check.sh 150
-# or, NEXT (not yet run on a GPU): the solver as one compiled piece (the default since
-# 2026-11-27, on the CPU measured, on CUDA pending: the gradient linearised once per task,
-# not recomputed at each of the 5 products; 7-11% less per step on 2 CPU cores, ~2.5x the
-# compile time there) with forward-over-reverse products (the fastest product pieces,
-# 16.4 ms on an H200), then a training run that uses it (--compile pieces takes the solve
-# piece by default; the pieces come from the compile stage's inductor cache: ~20 s instead
-# of ~100 s for their first call on 2 CPU cores); then, in the
-# time left, whether channels-last convolutions remove cuDNN's layout transposes (27% of
-# the compiled product pieces' kernel time on an H200), with the product pieces:
+# or, NEXT: the paper's whole 20,000-step schedule with the defaults (on CUDA: compiled
+# product pieces, forward-over-reverse products, the one-behind loop; 15.9 ms per training
+# step on an H200 on 2026-11-27, so ~6 minutes plus ~80 s of compilation) and its 600-task
+# test evaluation, in one call of the device tool (10 minutes at most):
+#   STAGES="device train" bash benchmarks/gpu_check.sh 500
+# Run on an H200 on 2026-11-27 (the fourth loan; solve_check_log_h200.txt): the solver as
+# one compiled piece (the CPU's default) with forward-over-reverse products, a training
+# run with the defaults of the time, then channels-last convolutions with the product
+# pieces. Triton failed to compile the solve piece (the CUDA default is since the product
+# piece), the training run fell back to the uncompiled graph, and channels-last was slower
+# (19.4 against 15.7 ms):
 #   S=$(date +%s); STAGES="device tests compile train" COMPILE_S=260 \
 #   COMPILE_MODES="pieces-solve pieces" STEP_ARGS="--repeats 20 --compile-hvp fwd" \
 #   TRAIN_ARGS="--hvp-mode fwd" bash benchmarks/gpu_check.sh 110; STAGES=compile \
 #   COMPILE_S=$((585 - $(date +%s) + S)) OUT=${OUT:-docs/benchmarks/gpu}/cl \
 #   STEP_ARGS="--repeats 20 --compile-hvp fwd --compile-layout channels-last" \
 #   bash benchmarks/gpu_check.sh
-# (the training run's --compile auto picks the pieces, with the solve piece, for the
-# preset's 20,000 steps and falls back to the eager graph if they fail)
-# or the solve piece against the product piece, both rev and fwd:
-#   STAGES="device tests compile" COMPILE_S=420 COMPILE_MODES="pieces-solve pieces" \
-#   STEP_ARGS="--repeats 20 --compile-hvp fwd rev" bash benchmarks/gpu_check.sh
-# or, also not yet run: whether channels-last convolutions remove cuDNN's layout
-# transposes (27% of the compiled pieces' kernel time on an H200, 2026-11-27; two compiles
-# of 70-85 s each), and what the training loop adds to the compiled pieces, reading each
-# step in order and one step behind (the CUDA default since 2026-11-27); the stage limits
-# keep it under the device tool's 600 s per call (tests ~60 s, compile ~250 s, loop ~120 s
-# expected):
-#   STAGES="device tests compile loop" COMPILE_S=300 LOOP_S=180 \
-#   STEP_ARGS="--repeats 20 --compile-hvp fwd --compile-layout channels-last default" \
-#   LOOP_ARGS="--compile pieces --hvp-mode fwd" bash benchmarks/gpu_check.sh
+# or what the training loop adds to the compiled pieces, reading each step in order and
+# one step behind (the CUDA default; not yet run on a GPU as its own benchmark: a training
+# run took 15.9 ms per step against a 15.7 ms meta-step on 2026-11-27):
+#   STAGES="device loop" LOOP_S=240 LOOP_ARGS="--compile pieces --hvp-mode fwd" \
+#   bash benchmarks/gpu_check.sh
 # or where the compiled pieces' time goes (PROFILE_ARGS go to gpu_profile.py; the pieces
 # compiled in 70-84 s on an H200), with a longer training run that uses them:
 #   STAGES="device profile train" PROFILE_S=200 PROFILE_ARGS="--compile pieces --hvp-mode fwd" \

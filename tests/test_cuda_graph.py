@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from imaml import TaskBatch, make_algorithm
-from imaml.cuda_graph import MetaStep
+from imaml.cuda_graph import SOLVE_PIECE, MetaStep
 
 from conftest import conv_setup, rel
 
@@ -170,11 +170,12 @@ def test_graph_replay_raises_when_every_task_is_non_finite():
 
 @cuda
 @pytest.mark.parametrize(
-    ("compile", "solve_piece"), [(True, None), ("pieces", None), ("pieces", False)]
+    ("compile", "solve_piece"),
+    [(True, None), ("pieces", None), ("pieces", False), ("pieces", True)],
 )
 def test_compiled_step_in_a_graph_equals_eager_in_float64(compile, solve_piece):
-    """On CUDA the torch.compile'd step (whole, or in pieces: the solve as one piece, the
-    default, or one product per solver step) is what the graph captures."""
+    """On CUDA the torch.compile'd step (whole, or in pieces: one product per solver step,
+    the default there, or the solve as one piece) is what the graph captures."""
     from imaml.models import MLP
 
     g = torch.Generator().manual_seed(0)
@@ -184,7 +185,8 @@ def test_compiled_step_in_a_graph_equals_eager_in_float64(compile, solve_piece):
     batch = TaskBatch(x(), x(), x(), x())
     alg = make_algorithm("imaml", model=model, loss="mse", inner_steps=2, cg_steps=2)
     step = MetaStep(alg, mode="on", compile=compile, solve_piece=solve_piece)
-    assert step.solve_piece is (compile == "pieces" and solve_piece is None)
+    chosen = SOLVE_PIECE["cuda"] if solve_piece is None else solve_piece
+    assert step.solve_piece is (compile == "pieces" and chosen)
     for shift in (0.0, 0.5):
         b = TaskBatch(batch.support_x + shift, *batch[1:])
         assert rel(step(theta, b)[0], alg.meta_grad(theta, b)[0]) < 1e-12

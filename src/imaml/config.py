@@ -68,7 +68,7 @@ class Config:
     solver: str = "minres"
     cg_damping: float = 0.0
     lam_damping: float = 0.0
-    hvp_mode: str = "rev"
+    hvp_mode: str = "auto"  # auto | rev | fwd (auto: fwd for compiled pieces on CUDA, else rev)
     learn_lam: str = "none"  # none | scalar | per_tensor (imaml)
     # outer loop
     meta_batch: int = 32
@@ -139,7 +139,8 @@ class Config:
             "solver": self.solver,
             "cg_damping": self.cg_damping,
             "lam_damping": self.lam_damping,
-            "hvp_mode": self.hvp_mode,
+            # auto is reverse mode unless training compiles the pieces on CUDA (train.py)
+            "hvp_mode": "rev" if self.hvp_mode == "auto" else self.hvp_mode,
             "batched": self.batched,
             "flat": {"auto": None, "on": True, "off": False}[self.flat],
             "task_chunk": self.task_chunk,
@@ -202,7 +203,7 @@ def validate(cfg: Config) -> None:
     _choice(cfg, "inner_solver", tuple(INNER_SOLVERS))
     _choice(cfg, "variant", VARIANTS)
     _choice(cfg, "solver", SOLVERS)
-    _choice(cfg, "hvp_mode", HVP_MODES)
+    _choice(cfg, "hvp_mode", ("auto", *HVP_MODES))
     _choice(cfg, "learn_lam", ("none", "scalar", "per_tensor"))
     if cfg.learn_lam != "none" and cfg.algo != "imaml":
         raise ConfigError(f"learn_lam is an imaml option; {cfg.algo} has no λ to learn")

@@ -31,7 +31,7 @@ On the CPU they compile with ``CPU_PIECES_OPTIONS`` (no channels-last layouts; s
 whole linear solve is a piece of its own instead of the product (``SOLVE_PIECE``: ~8%
 less time per step on the CPU, ~170 s to compile); ``solve_piece`` chooses either way.
 On CUDA either compiled step is what the graph captures; compiled pieces in the graph
-measured 16.4–17.6 ms per omniglot-5w1s meta-step on an H200, against 32 ms for the eager
+measured 15.7–17.6 ms per omniglot-5w1s meta-step on an H200, against 32 ms for the eager
 graph (benchmarks/gpu_step.py).
 
 ``auto_compile`` is what ``--compile auto`` (training's default) picks: the pieces for
@@ -57,7 +57,7 @@ MODES = ("auto", "on", "off")
 COMPILE = ("off", "step", "pieces")  # torch.compile: not at all, the whole step, its pieces
 # --compile auto compiles the pieces for a schedule of at least this many meta-steps, per
 # device type (2026-11-27, omniglot-5w1s): on an H200 they cut the step from 32 to
-# 16.4-17.6 ms and compile in 43-84 s, repaid after ~3,000-6,000 steps; on 2 CPU cores
+# 15.7-17.6 ms and compile in 43-84 s, repaid after ~3,000-6,000 steps; on 2 CPU cores
 # training steps took 0.92 instead of 1.16 s after a 65 s compile, repaid after ~270 steps
 # (docs/benchmarks/train_pieces_vs_eager_cpu.json); with the solve piece (below) 0.91
 # against 1.29 s eager on another day, after ~170 s of compilation: repaid after ~450 steps
@@ -74,11 +74,22 @@ CPU_PIECES_OPTIONS = {"layout_optimization": False}
 # each solver step. Interleaved in one process (2026-11-27, 2 cores, freed memory kept):
 # 0.786 against 0.859 s per step at omniglot-5w1s, 1.105 against 1.193 s at the peer
 # setting, for 170 instead of 52-62 s of compilation (docs/benchmarks/cpu_pieces_solve*).
-# On CUDA the same holds in principle (an uncompiled product piece cost +4.5 ms per step on
-# an H200 against the vmap path, which linearises once: the graph-pieces row of
-# gpu_step_compiled.json), so the solve piece is the default there too, pending its
-# measurement on a GPU (benchmarks/gpu_check.sh).
-SOLVE_PIECE = {"cpu": True, "cuda": True}
+# Not on CUDA: on an H200 (PyTorch 2.11, Triton 3.6; 2026-11-27) Triton failed to compile
+# one of the solve piece's kernels (the fused MINRES update: "PassManager::run failed" in
+# make_ttgir), so the pieces keep one compiled product per solver step there
+# (docs/benchmarks/gpu/gpu_step_solve_fwd_h200.json; the fallback then cost a training run
+# its ~80 s of compilation).
+SOLVE_PIECE = {"cpu": True, "cuda": False}
+
+
+def auto_hvp_mode(device: torch.device | str, compile: str) -> str:
+    """``--hvp-mode auto``: forward-over-reverse products (``"fwd"``) for the compiled
+    pieces on CUDA, reverse-over-reverse (``"rev"``) otherwise. On an H200 the compiled
+    product pieces took 16.4 against 17.6 ms per omniglot-5w1s meta-step with ``fwd`` in one
+    process (gpu_step_compiled.json), 15.7 ms in another loan; uncompiled, ``fwd`` was the
+    slower (33.2 against 32.0 ms in the graph), and on the CPU no faster
+    (cpu_pieces_tried.json, benchmarks/hvp_modes.py)."""
+    return "fwd" if torch.device(device).type == "cuda" and compile == "pieces" else "rev"
 
 
 def auto_compile(alg: MetaAlgorithm, device: torch.device | str, *, steps: int) -> str:

@@ -28,7 +28,7 @@ from . import distributed
 from .algorithms import TaskBatch, make_algorithm
 from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from .config import RUNTIME_FIELDS, Config, ConfigError
-from .cuda_graph import MetaStep, auto_compile
+from .cuda_graph import MetaStep, auto_compile, auto_hvp_mode
 from .data import make_task_families
 from .data.omniglot import _writable
 from .evaluate import evaluate
@@ -320,16 +320,18 @@ def _train(
     families, split_info = make_task_families(cfg, progress=progress)
     model_gen = torch.Generator().manual_seed(cfg.seed)
     model = families["train"].make_model(model_gen).to(device=device, dtype=dtype)
-    alg = make_algorithm(
-        cfg.algo, model=model, loss=families["train"].loss, **cfg.algorithm_kwargs()
-    )
-    params = alg.meta_parameters(dict(model.named_parameters()))  # with log λ when learned
-    opt = torch.optim.Adam(params.values(), lr=cfg.outer_lr, eps=cfg.adam_eps)
+    kwargs = cfg.algorithm_kwargs()
+    alg = make_algorithm(cfg.algo, model=model, loss=families["train"].loss, **kwargs)
     # CUDA graph replay where it applies; torch.compile when asked, or (auto) where it pays
     # over the schedule (the whole of it: a resumed run chooses as the uninterrupted one)
     compile_mode = cfg.compile
     if compile_mode == "auto":
         compile_mode = auto_compile(alg, device, steps=cfg.meta_steps)
+    if cfg.hvp_mode == "auto" and "hvp_mode" in kwargs:  # the products that suit the step
+        kwargs["hvp_mode"] = auto_hvp_mode(device, compile_mode)
+        alg = make_algorithm(cfg.algo, model=model, loss=families["train"].loss, **kwargs)
+    params = alg.meta_parameters(dict(model.named_parameters()))  # with log λ when learned
+    opt = torch.optim.Adam(params.values(), lr=cfg.outer_lr, eps=cfg.adam_eps)
     meta_step = MetaStep(
         alg, mode=cfg.cuda_graph, compile=compile_mode, fallback=cfg.compile == "auto"
     )
@@ -556,6 +558,7 @@ def _train(
         "stopped_by": stopped_by,
         "cuda_graph": {"replays": meta_step.replays, "fallback": meta_step.fallback_reason},
         "compile": {"mode": compile_mode, "fallback": meta_step.compile_error},
+        "hvp_mode": getattr(alg, "hvp_mode", None),
         "best": best,
         "out": str(out),
     }
