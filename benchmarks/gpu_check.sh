@@ -32,6 +32,14 @@
 # step on an H200 on 2026-11-27, so ~6 minutes plus ~80 s of compilation) and its 600-task
 # test evaluation, in one call of the device tool (10 minutes at most):
 #   STAGES="device train" bash benchmarks/gpu_check.sh 500
+# or, also NEXT: whether the solve piece compiles on CUDA with either of two inductor
+# options. Triton failed on its fused MINRES kernel (a persistent reduction,
+# "triton_per_fused_..._linalg_vector_norm_...": "PassManager::run failed" in make_ttgir),
+# as it has failed on inductor's mix-order reductions elsewhere; turning off either may
+# avoid that kernel. The product pieces' 15.7 ms (fwd) is the figure to beat:
+#   STAGES="device compile" COMPILE_S=540 COMPILE_MODES=pieces-solve STEP_ARGS="--repeats \
+#   20 --compile-hvp fwd --compile-inductor triton.mix_order_reduction=False \
+#   triton.persistent_reductions=False" bash benchmarks/gpu_check.sh
 # Run on an H200 on 2026-11-27 (the fourth loan; solve_check_log_h200.txt): the solver as
 # one compiled piece (the CPU's default) with forward-over-reverse products, a training
 # run with the defaults of the time, then channels-last convolutions with the product

@@ -29,7 +29,9 @@ Hessian-vector product compiled once each and reused by the loops; ``step``: the
 step as one program; ``imaml.cuda_graph``) and each HVP mode of ``--compile-hvp``
 (``rev``; ``fwd`` adds ``-hvp-fwd`` to the name) and each layout of ``--compile-layout``
 (``default``; ``channels-last`` forces inductor's layout optimisation, which it skips for
-vmap's grouped convolutions, and adds ``-channels-last``): ``graph-compiled-MODE`` (the compiled step captured as a CUDA graph, the first call's
+vmap's grouped convolutions, and adds ``-channels-last``) and each set of inductor
+options of ``--compile-inductor`` (``default``: none; ``KEY=VALUE[,KEY=VALUE]`` adds
+``-KEY=VALUE`` to the name and records the set as ``inductor_options``): ``graph-compiled-MODE`` (the compiled step captured as a CUDA graph, the first call's
 compilation and capture timed apart) and ``compiled-MODE`` (the same compiled step,
 eager). Two uncompiled rows come first, for comparison on the same machine: ``graph``
 (the eager vmap step) and ``graph-pieces`` (the piecewise step uncompiled: its cost of
@@ -43,6 +45,8 @@ Writes gpu_step_compiled.json.
 from __future__ import annotations
 
 import argparse
+import ast
+import functools
 import itertools
 import json
 import pathlib
@@ -97,6 +101,25 @@ def fastest_conv(path: pathlib.Path) -> str:
     raise SystemExit(f"{path} has no iMAML row to choose a convolution from")
 
 
+def inductor_options(text: str) -> dict:
+    """``"default"`` (no options) or ``KEY=VALUE[,KEY=VALUE]``, each VALUE a Python literal
+    and each KEY an option of ``torch._inductor.config`` (``triton.persistent_reductions``)."""
+    if text == "default":
+        return {}
+    out = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"{item!r}: not KEY=VALUE")
+        try:
+            out[key] = ast.literal_eval(value)
+            functools.reduce(getattr, key.split("."), inductor_config)  # unknown: fail now
+        except (ValueError, SyntaxError, AttributeError) as e:
+            msg = f"{item!r}: not KEY=VALUE of inductor's config ({e})"
+            raise argparse.ArgumentTypeError(msg) from e
+    return out
+
+
 def measure(fn, device, repeats: int, warmup: int) -> dict:
     cuda = device.type == "cuda"
     if cuda:
@@ -137,6 +160,15 @@ def main(argv=None) -> int:
         choices=("default", "channels-last"),
         help="channels-last: force inductor's layout optimisation (channels-last convolutions)",
     )
+    ap.add_argument(
+        "--compile-inductor",
+        nargs="+",
+        default=["default"],
+        type=inductor_options,
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="inductor options for the compiled variants, one set per argument (default: "
+        "none), e.g. triton.mix_order_reduction=False: each set is a row of its own",
+    )
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     g = torch.Generator().manual_seed(0)
@@ -153,7 +185,18 @@ def main(argv=None) -> int:
         payload["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
         path.write_text(json.dumps(payload, indent=1))
 
-    def record(name, fn, *, algo: str, queries: int, conv: str, repeats: int, warmup=0, ref=None):
+    def record(
+        name,
+        fn,
+        *,
+        algo: str,
+        queries: int,
+        conv: str,
+        repeats: int,
+        warmup=0,
+        ref=None,
+        extra=None,
+    ):
         """Time ``fn`` (its first call, capture or compilation, apart) as one row; with
         ``ref`` (a meta-gradient) also the relative distance of ``fn``'s from it."""
         try:
@@ -169,6 +212,7 @@ def main(argv=None) -> int:
         except Exception as e:  # record and go on: one variant must not cost the others
             row = {"error": f"{type(e).__name__}: {e}"}
         row.update({"variant": name, "algo": algo, "queries": queries, "conv": conv})
+        row.update(extra or {})
         rows.append(row)
         save()
         shown = f"{row['ms']:9.1f} ms" if "ms" in row else row["error"][:200]
@@ -202,8 +246,8 @@ def main(argv=None) -> int:
                 pieces = plain.pieces()
                 uncompiled.step = lambda p, b: plain.meta_grad_piecewise(p, b, pieces)
                 record("graph-pieces", lambda: uncompiled(params, batch), **kw)
-            for mode, hvp, layout in itertools.product(
-                args.compile, args.compile_hvp, args.compile_layout
+            for mode, hvp, layout, options in itertools.product(
+                args.compile, args.compile_hvp, args.compile_layout, args.compile_inductor
             ):
                 # one compiled step: the graph captures it, and it is timed eager too
                 alg = imaml(flat=True, hvp_mode=hvp)
@@ -211,15 +255,18 @@ def main(argv=None) -> int:
                 step = MetaStep(alg, mode=graph, compile=mode.split("-")[0], solve_piece=solve)
                 name = mode + ("-hvp-fwd" if hvp == "fwd" else "")
                 name += "-channels-last" if layout == "channels-last" else ""
+                name += "".join(f"-{k}={v}" for k, v in options.items())
                 # inductor leaves vmap's grouped convolutions in NCHW unless forced, and
                 # cuDNN then transposes around its NHWC kernels (profile_cuda_pieces_hvp-fwd)
-                force = {"force_layout_optimization": layout == "channels-last"}
+                force = {"force_layout_optimization": layout == "channels-last", **options}
                 with inductor_config.patch(force):
                     for variant, fn in (
                         (f"graph-compiled-{name}", step),
                         (f"compiled-{name}", step._step),
                     ):
-                        record(variant, lambda fn=fn: fn(params, batch), **kw, warmup=1)
+                        run_it = lambda fn=fn: fn(params, batch)
+                        extra = {"inductor_options": options}
+                        record(variant, run_it, **kw, warmup=1, extra=extra)
 
         for q in args.compile_queries:
             compile_rows(q)
