@@ -224,7 +224,8 @@ def main() -> int:
         r = load(name)
         if r:
             fig2b_table(r)
-    for r in (load("gpu/gpu_step"), load("gpu/gpu_step_compiled"), load("gpu/gpu_step_h100")):
+    gpu_steps = ("gpu_step", "gpu_step_compiled", "gpu_step_h100", "gpu_step_solve_fwd_h200")
+    for r in (load(f"gpu/{name}") for name in (*gpu_steps, "gpu_step_channels_last_h200")):
         if not r:
             continue
         print(f"{r['machine']['cuda']}, torch {r['machine']['torch']}:")
@@ -238,7 +239,8 @@ def main() -> int:
         for x in r["rows"]:
             head = f"| {x['algo']} | {x['queries']} | {x.get('conv', 'native')} | {x['variant']} |"
             if "error" in x:
-                print(f"{head} failed: {x['error'][:120]} | |" + (" |" if rel else ""))
+                why = x["error"].splitlines()[0][:120]
+                print(f"{head} failed: {why} | |" + (" |" if rel else ""))
                 continue
             first = f" (first call {x['first_call_s']:.0f} s)" if "compiled" in x["variant"] else ""
             tail = f" {x['rel_to_graph']:.1e} |" if rel else ""
