@@ -224,8 +224,14 @@ def main() -> int:
         r = load(name)
         if r:
             fig2b_table(r)
-    gpu_steps = ("gpu_step", "gpu_step_compiled", "gpu_step_h100", "gpu_step_solve_fwd_h200")
-    for r in (load(f"gpu/{name}") for name in (*gpu_steps, "gpu_step_channels_last_h200")):
+    for name in (
+        "gpu_step",
+        "gpu_step_compiled",
+        "gpu_step_h100",
+        "gpu_step_solve_fwd_h200",
+        "gpu_step_channels_last_h200",
+    ):
+        r = load(f"gpu/{name}")
         if not r:
             continue
         print(f"{r['machine']['cuda']}, torch {r['machine']['torch']}:")

@@ -45,6 +45,7 @@ asked for explicitly fails loudly instead.
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -52,6 +53,9 @@ from torch import Tensor
 from .algorithms.base import MetaAlgorithm, TaskBatch
 from .algorithms.imaml import piecewise_unsupported
 from .params import Params
+
+if TYPE_CHECKING:
+    from .config import Config
 
 MODES = ("auto", "on", "off")
 COMPILE = ("off", "step", "pieces")  # torch.compile: not at all, the whole step, its pieces
@@ -92,16 +96,23 @@ def auto_hvp_mode(device: torch.device | str, compile: str) -> str:
     return "fwd" if torch.device(device).type == "cuda" and compile == "pieces" else "rev"
 
 
-def auto_compile(alg: MetaAlgorithm, device: torch.device | str, *, steps: int) -> str:
+def auto_compile(
+    settings: MetaAlgorithm | Config,
+    device: torch.device | str,
+    *,
+    steps: int,
+    algo: str | None = None,
+) -> str:
     """``--compile auto``: ``"pieces"`` for a schedule of at least
     ``AUTO_COMPILE_MIN_STEPS[device type]`` meta-steps where the pieces apply (iMAML, GD
-    inner steps, ``piecewise_unsupported``), else ``"off"``. ``steps`` is the whole
-    schedule, not the steps left, so that a resumed run makes the uninterrupted run's
-    choice."""
+    inner steps, ``piecewise_unsupported``), else ``"off"``. ``settings`` is an algorithm
+    or a run's ``Config`` (then ``algo`` names the algorithm), so that training can choose
+    before it builds the algorithm. ``steps`` is the whole schedule, not the steps left, so
+    that a resumed run makes the uninterrupted run's choice."""
     least = AUTO_COMPILE_MIN_STEPS.get(torch.device(device).type)
     if least is None or steps < least:
         return "off"
-    if piecewise_unsupported(alg, algo=alg.name) is not None:
+    if piecewise_unsupported(settings, algo=settings.name if algo is None else algo) is not None:
         return "off"
     return "pieces"
 
@@ -191,9 +202,9 @@ class MetaStep:
             )
         self.alg = alg
         kind = next(alg.model.parameters()).device.type
-        on_cpu = kind == "cpu"
         if compile_options is None:  # ours: CPU_PIECES_OPTIONS for the pieces on the CPU
-            compile_options = CPU_PIECES_OPTIONS if self.compile == "pieces" and on_cpu else {}
+            on_cpu_pieces = self.compile == "pieces" and kind == "cpu"
+            compile_options = CPU_PIECES_OPTIONS if on_cpu_pieces else {}
         # the solver as one piece: the default for the pieces per device type (SOLVE_PIECE)
         if solve_piece is None:
             solve_piece = self.compile == "pieces" and SOLVE_PIECE.get(kind, False)

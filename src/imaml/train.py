@@ -320,16 +320,15 @@ def _train(
     families, split_info = make_task_families(cfg, progress=progress)
     model_gen = torch.Generator().manual_seed(cfg.seed)
     model = families["train"].make_model(model_gen).to(device=device, dtype=dtype)
-    kwargs = cfg.algorithm_kwargs()
-    alg = make_algorithm(cfg.algo, model=model, loss=families["train"].loss, **kwargs)
     # CUDA graph replay where it applies; torch.compile when asked, or (auto) where it pays
     # over the schedule (the whole of it: a resumed run chooses as the uninterrupted one)
     compile_mode = cfg.compile
     if compile_mode == "auto":
-        compile_mode = auto_compile(alg, device, steps=cfg.meta_steps)
+        compile_mode = auto_compile(cfg, device, steps=cfg.meta_steps, algo=cfg.algo)
+    kwargs = cfg.algorithm_kwargs()
     if cfg.hvp_mode == "auto" and "hvp_mode" in kwargs:  # the products that suit the step
         kwargs["hvp_mode"] = auto_hvp_mode(device, compile_mode)
-        alg = make_algorithm(cfg.algo, model=model, loss=families["train"].loss, **kwargs)
+    alg = make_algorithm(cfg.algo, model=model, loss=families["train"].loss, **kwargs)
     params = alg.meta_parameters(dict(model.named_parameters()))  # with log λ when learned
     opt = torch.optim.Adam(params.values(), lr=cfg.outer_lr, eps=cfg.adam_eps)
     meta_step = MetaStep(
