@@ -33,6 +33,9 @@ own empty inductor cache; not in the default set):
   whole compiled step does; ``solve_piece=True``, the CPU's default since 2026-11-27), or
   one compiled product per solver step that recomputes the gradient (``solve_piece=False``,
   the default before);
+- ``pieces-query-vmap``: the solve path with the query gradient under vmap for any number
+  of query images (``query_per_task=None``; by default it runs task by task from 20 query
+  images per task on, ``imaml.cuda_graph.QUERY_PER_TASK``);
 - ``threads``: the eager step, its meta-batch split over two Python threads with one
   intra-op thread and a copy of the network each (one process with two intra-op threads
   leaves a core idle part of the time; two processes, ``distributed_throughput.py``,
@@ -81,6 +84,7 @@ PIECES_TRIED = (
     "pieces-unfold-first",
     "pieces-solve",
     "pieces-matvec",
+    "pieces-query-vmap",
     "threads",
     "pieces-threads",
     "pieces-chunk4",
@@ -172,7 +176,10 @@ def run_one(variant: str, args) -> dict:
         own = {} if variant == "pieces-channels-last" else None
         pick = {"pieces-solve": True, "pieces-matvec": False}  # else MetaStep's default
         solve = pick.get(variant) if compile == "pieces" else None
-        step = MetaStep(alg, compile=compile, compile_options=own, solve_piece=solve)
+        per_task = None if variant == "pieces-query-vmap" else "auto"
+        step = MetaStep(
+            alg, compile=compile, compile_options=own, solve_piece=solve, query_per_task=per_task
+        )
         return lambda: step(params, b)[0]
 
     reference = step_for(torch.float64)()

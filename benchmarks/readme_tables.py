@@ -140,6 +140,7 @@ def main() -> int:
         "peers_pieces_nchw",
         "peers_pieces_nchw_2",
         "peers_pieces_solve",
+        "peers_pieces_query",
     ):
         r = load(name)
         if r:

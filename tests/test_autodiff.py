@@ -65,6 +65,18 @@ def test_linearize_returns_gradient_and_reusable_hvp():
     assert rel(both, parts) < 1e-12
 
 
+@pytest.mark.parametrize("mode", ["rev", "fwd"])
+def test_linearize_with_value_gives_the_function_value_too(mode):
+    """The value comes from the linearisation's own forward pass (the solve piece's
+    support loss); the gradient and products are unchanged."""
+    f, p = conv_problem()
+    g0, H0 = linearize_grad(f, p, mode=mode)
+    g, H, value = linearize_grad(f, p, mode=mode, with_value=True)
+    assert value.shape == () and torch.equal(value, f(p))
+    v = {k: torch.randn_like(t) for k, t in p.items()}
+    assert rel(g, g0) == 0 and rel(H(v), H0(v)) < 1e-14
+
+
 def test_hvp_under_vmap_matches_loop():
     f, p = mlp_problem()
     vs = {k: torch.randn(4, *t.shape, dtype=t.dtype) for k, t in p.items()}

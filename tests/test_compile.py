@@ -225,7 +225,8 @@ def test_training_defaults_to_compile_auto_off_for_a_short_schedule(tmp_path):
     cfg = from_preset("sinusoid", meta_steps=2, val_tasks=0)
     assert cfg.compile == "auto"
     s = meta_train(cfg, tmp_path / "r", progress=False, final_test=False)
-    assert s["compile"] == {"mode": "off", "fallback": None}
+    off = {"mode": "off", "fallback": None, "solve_piece": False, "query_per_task": None}
+    assert s["compile"] == off
     assert load_checkpoint(tmp_path / "r" / "last.pt")["config"]["compile"] == "auto"
 
 
@@ -238,7 +239,9 @@ def test_compile_auto_chooses_by_the_whole_schedule_so_resume_is_exact(tmp_path,
 
     cfg = from_preset("sinusoid", meta_steps=1000, val_tasks=0, val_every=1000, threads=1)
     s = tr.meta_train(cfg, tmp_path / "a", progress=False, final_test=False, max_steps_this_run=3)
-    assert s["compile"] == {"mode": "pieces", "fallback": None}
+    # the sinusoid MLP: the solve piece (the CPU's default), its query gradient under vmap
+    pieces = {"mode": "pieces", "fallback": None, "solve_piece": True, "query_per_task": None}
+    assert s["compile"] == pieces
     tr.meta_train(cfg, tmp_path / "b", progress=False, final_test=False, max_steps_this_run=2)
     s = tr.meta_train(
         None, tmp_path / "b", resume=True, progress=False, final_test=False, max_steps_this_run=1

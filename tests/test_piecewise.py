@@ -51,13 +51,57 @@ def test_piecewise_equals_the_vmap_path_in_float64(kw, solve_piece):
     model, theta, batch = conv_setup(torch.float64, T=3)
     alg = make_algorithm("imaml", model=model, **{"inner_steps": 3, "lam": 0.5, **kw})
     pieces = alg.pieces(solve_piece=solve_piece)
-    assert (pieces.solve is not None) == solve_piece
+    built = {k for k, f in pieces._asdict().items() if f is not None}
+    assert built == {
+        "inner_step",
+        *(("query", "solve") if solve_piece else ("linearize", "matvec")),
+    }
     out = alg.meta_grad_piecewise(theta, batch, pieces)
     _equal(out, alg.meta_grad_tensors(theta, batch))
     # not comparing a thing with itself: another λ changes the answer
     other = make_algorithm("imaml", model=model, **{"inner_steps": 3, "lam": 2.0, **kw})
     got = other.meta_grad_piecewise(theta, batch, other.pieces(solve_piece=solve_piece))
     assert rel(got[0], out[0]) > 1e-6
+
+
+@pytest.mark.parametrize("least", [1, 5, 6], ids=["every-task", "at-the-threshold", "below"])
+@pytest.mark.parametrize("kw", [{}, {"task_chunk": 2}, {"loss": "mse"}])
+def test_query_gradient_task_by_task_equals_the_vmap_path_in_float64(kw, least):
+    """``query_per_task``: from ``least`` query examples per task on (5 here) the query
+    gradient runs one task at a time; the meta-gradient and every statistic are the vmap
+    path's, and a task left out as non-finite still is."""
+    model, theta, batch = conv_setup(torch.float64, T=3)
+    if kw.get("loss") == "mse":  # a regression network: no query accuracy
+        model = MLP((1, 8, 1), generator=torch.Generator().manual_seed(0)).double()
+        theta = {k: v.detach() for k, v in model.named_parameters()}
+        x = torch.rand(3, 5, 1, dtype=torch.float64)
+        batch = TaskBatch(x, x.sin(), x + 0.5, (x + 0.5).sin())
+    sx = batch.support_x.clone()
+    sx[1] = float("nan")
+    alg = make_algorithm("imaml", model=model, inner_steps=2, **kw)
+    calls = []
+    pieces = alg.pieces(
+        lambda f: lambda *a: calls.append(f.__name__) or f(*a),
+        solve_piece=True,
+        query_per_task=least,
+    )
+    for b in (batch, TaskBatch(sx, *batch[1:])):
+        _equal(alg.meta_grad_piecewise(theta, b, pieces), alg.meta_grad_tensors(theta, b))
+    per_chunk = [3] if "task_chunk" not in kw else [2, 1]
+    one_by_one = ["query_one"] * sum(per_chunk) if least <= 5 else ["query"] * len(per_chunk)
+    assert [c for c in calls if c.startswith("query")] == one_by_one * 2
+
+
+def test_query_per_task_needs_the_solve_path():
+    alg = make_algorithm("imaml", model=conv_setup()[0])
+    for bad in (
+        {"query_per_task": 20},
+        {"query_per_task": 0, "solve_piece": True},
+        {"query_per_task": 2.5, "solve_piece": True},
+        {"query_per_task": True, "solve_piece": True},
+    ):
+        with pytest.raises(ValueError, match="query_per_task"):
+            alg.pieces(**bad)
 
 
 def test_piecewise_regression_with_forward_over_reverse_products(f64):
@@ -157,13 +201,15 @@ def test_config_and_cli_compile_modes():
 
 @needs_cxx
 @pytest.mark.parametrize(
-    ("chunk", "solve_piece", "graphs"), [(None, None, 3), (2, None, 6), (None, False, 3)]
+    ("chunk", "solve_piece", "per_task", "graphs"),
+    [(None, None, "auto", 3), (2, None, "auto", 6), (None, False, "auto", 3), (None, None, 1, 3)],
 )
-def test_compiled_pieces_equal_eager_in_float64(f64, chunk, solve_piece, graphs):
+def test_compiled_pieces_equal_eager_in_float64(f64, chunk, solve_piece, per_task, graphs):
     """Small MLP (compiling is slow on 2 cores); one compiled program per piece and batch
     shape (3 tasks in chunks of 2: two shapes), reused by every inner step and every
     solver step, and again on the next call. On the CPU the solver is one piece by
-    default (SOLVE_PIECE); ``solve_piece=False`` compiles the product instead."""
+    default (SOLVE_PIECE); ``solve_piece=False`` compiles the product instead; with
+    ``query_per_task`` the one-task query program replaces the batched one."""
     from torch._dynamo.utils import counters
 
     g = torch.Generator().manual_seed(0)
@@ -174,14 +220,14 @@ def test_compiled_pieces_equal_eager_in_float64(f64, chunk, solve_piece, graphs)
     hp = {"loss": "mse", "inner_steps": 3, "cg_steps": 3}
     ref = make_algorithm("imaml", model=model, **hp)
     alg = make_algorithm("imaml", model=model, task_chunk=chunk, **hp)
-    step = MetaStep(alg, compile="pieces", solve_piece=solve_piece)
+    step = MetaStep(alg, compile="pieces", solve_piece=solve_piece, query_per_task=per_task)
     assert step.solve_piece is (solve_piece is not False)
     torch._dynamo.reset()  # dynamo's per-code entries are per process: start afresh
     counters.clear()
     for shift in (0.0, 0.5):
         b = TaskBatch(batch.support_x + shift, *batch[1:])
         _equal(step(theta, b), ref.meta_grad(theta, b))
-    assert counters["stats"]["unique_graphs"] == graphs  # inner step, linearisation, solve
+    assert counters["stats"]["unique_graphs"] == graphs  # inner step, query, solve
 
 
 @needs_cxx
@@ -201,7 +247,9 @@ def test_several_compiled_algorithms_in_one_process_each_compile(f64):
         alg = make_algorithm("imaml", model=model, loss="mse", inner_steps=1, cg_steps=1)
         alg.lam = 1.0 + i
         MetaStep(alg, compile="pieces")(theta, batch)
-    assert counters["stats"]["unique_graphs"] == 12  # 3 pieces × 4 algorithms, all compiled
+    # 3 pieces for the first algorithm, then 2 each: the query gradient does not depend on
+    # λ, so algorithms on one network share its program (dynamo's guards let them)
+    assert counters["stats"]["unique_graphs"] == 3 + 2 * 3
 
 
 def test_cpu_pieces_compile_with_our_inductor_options(monkeypatch):
@@ -217,7 +265,8 @@ def test_cpu_pieces_compile_with_our_inductor_options(monkeypatch):
     alg = make_algorithm("imaml", model=conv_setup()[0])
     assert cuda_graph.CPU_PIECES_OPTIONS == {"layout_optimization": False}
     MetaStep(alg, compile="pieces")
-    assert seen == [cuda_graph.CPU_PIECES_OPTIONS] * 4  # inner step, linearisation, matvec, solve
+    # inner step, query gradient (batched and one task), solve
+    assert seen == [cuda_graph.CPU_PIECES_OPTIONS] * 4
     seen.clear()
     MetaStep(alg, compile="step")
     assert seen == [None]
@@ -228,7 +277,27 @@ def test_cpu_pieces_compile_with_our_inductor_options(monkeypatch):
         MetaStep(alg, compile="pieces", compile_options={"no_such_option": 1})
     seen.clear()
     MetaStep(alg, compile="pieces", solve_piece=False)
-    assert seen == [cuda_graph.CPU_PIECES_OPTIONS] * 3
+    assert seen == [cuda_graph.CPU_PIECES_OPTIONS] * 3  # inner step, linearisation, matvec
+
+
+def test_query_per_task_default_by_device_network_and_path():
+    """``query_per_task="auto"``: QUERY_PER_TASK[device type] for a convolutional network on
+    the solve path, else never; an explicit value is kept, and needs compile='pieces'."""
+    from imaml import cuda_graph
+
+    conv = make_algorithm("imaml", model=conv_setup()[0])
+    mlp = make_algorithm("imaml", model=MLP((1, 4, 1)), loss="mse")
+    assert cuda_graph.QUERY_PER_TASK == {"cpu": 20, "cuda": None}
+    assert MetaStep(conv, compile="pieces").query_per_task == 20
+    assert MetaStep(conv, compile="pieces", solve_piece=False).query_per_task is None
+    assert MetaStep(mlp, compile="pieces").query_per_task is None
+    assert MetaStep(conv, compile="off").query_per_task is None
+    assert MetaStep(conv, compile="pieces", query_per_task=None).query_per_task is None
+    assert MetaStep(mlp, compile="pieces", query_per_task=3).query_per_task == 3
+    with pytest.raises(ValueError, match="query_per_task"):
+        MetaStep(conv, compile="step", query_per_task=3)
+    with pytest.raises(ValueError, match="query_per_task"):
+        MetaStep(conv, compile="pieces", solve_piece=False, query_per_task=3)
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,9 @@ On the CPU they compile with ``CPU_PIECES_OPTIONS`` (no channels-last layouts; s
 ``compile_options`` replaces those with inductor options of one's own. On the CPU the
 whole linear solve is a piece of its own instead of the product (``SOLVE_PIECE``: ~8%
 less time per step on the CPU, ~170 s to compile); ``solve_piece`` chooses either way.
+There, too, a convolutional network's query gradient runs task by task for tasks of at
+least ``QUERY_PER_TASK`` query examples (``query_per_task``: an integer, None for never,
+"auto" for that default).
 On CUDA either compiled step is what the graph captures; compiled pieces in the graph
 measured 15.7–17.6 ms per omniglot-5w1s meta-step on an H200, against 32 ms for the eager
 graph (benchmarks/gpu_step.py).
@@ -84,6 +87,15 @@ CPU_PIECES_OPTIONS = {"layout_optimization": False}
 # (docs/benchmarks/gpu/gpu_step_solve_fwd_h200.json; the fallback then cost a training run
 # its ~80 s of compilation).
 SOLVE_PIECE = {"cpu": True, "cuda": False}
+# on the solve path, the query gradient of a convolutional network runs task by task (a
+# one-task compiled program called per task, IMAML.pieces' query_per_task) from this many
+# query examples per task on, per device type. Under vmap each convolution is one grouped
+# convolution over the tasks, which oneDNN runs slower than a dense one per task once a
+# task has enough images (2 CPU cores, omniglot network, 32 tasks, compiled, 2026-11-27:
+# 292-310 against 243-274 ms at 75 query images per task, 107 against 88 ms at 25, even
+# at 15, slower below: 40 against 52 ms at 10, 20 against 40 ms at 5). Not on CUDA (not
+# measured there; per-task launches are what the graph exists to avoid).
+QUERY_PER_TASK = {"cpu": 20, "cuda": None}
 
 
 def auto_hvp_mode(device: torch.device | str, compile: str) -> str:
@@ -183,6 +195,7 @@ class MetaStep:
         fallback: bool = False,
         compile_options: dict | None = None,
         solve_piece: bool | None = None,
+        query_per_task: int | None | str = "auto",
     ):
         if mode not in MODES:
             raise ValueError(f"cuda_graph must be one of {MODES}, got {mode!r}")
@@ -209,6 +222,17 @@ class MetaStep:
         if solve_piece is None:
             solve_piece = self.compile == "pieces" and SOLVE_PIECE.get(kind, False)
         self.solve_piece = solve_piece
+        # the query gradient task by task from this many query examples per task on
+        if query_per_task not in ("auto", None) and self.compile != "pieces":
+            raise ValueError(
+                f"query_per_task applies to compile='pieces', got {query_per_task!r} "
+                f"with compile={compile!r}"
+            )
+        if query_per_task == "auto":
+            convolutional = any(isinstance(m, torch.nn.Conv2d) for m in alg.model.modules())
+            least = QUERY_PER_TASK.get(kind) if convolutional else None
+            query_per_task = least if self.solve_piece else None
+        self.query_per_task = query_per_task
         self.compile_options = dict(compile_options)
         # static shapes: one specialised program per batch shape, as the graphs
         options = self.compile_options or None
@@ -216,7 +240,9 @@ class MetaStep:
         if self.compile == "pieces":
             if (why := piecewise_unsupported(alg, algo=alg.name)) is not None:
                 raise ValueError(f"compile='pieces' does not support {why}; use compile='step'")
-            pieces = alg.pieces(wrap, solve_piece=self.solve_piece)
+            pieces = alg.pieces(
+                wrap, solve_piece=self.solve_piece, query_per_task=self.query_per_task
+            )
             self.step = lambda params, batch: alg.meta_grad_piecewise(params, batch, pieces)
         elif self.compile == "step":
             self.step = wrap(alg.meta_grad_tensors)

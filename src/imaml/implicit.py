@@ -64,23 +64,28 @@ def solve_implicit(
     cg_damping: float = 0.0,
     lam_damping: float = 0.0,
     hvp_mode: str = "rev",
-) -> tuple[Params, dict[str, Tensor], Params]:
+    with_loss: bool = False,
+) -> tuple[Params, dict[str, Tensor], Params] | tuple[Params, dict[str, Tensor], Params, Tensor]:
     """The task meta-gradient g = Λ(H + Λ)⁻¹∇L(φ) (= (I + H/λ)⁻¹∇L(φ) for a scalar λ).
 
     For one λ_k per tensor it solves (I + SHS)·w = S·∇L with S = Λ^(−1/2) and returns
-    g = S⁻¹w. Returns (g, solver diagnostics, ∇L̂(φ)). No checks: this is the hot path,
-    run under vmap by the algorithms.
+    g = S⁻¹w. Returns (g, solver diagnostics, ∇L̂(φ)), and L̂(φ) fourth with
+    ``with_loss`` (from the linearisation's own forward pass, not one more). No checks:
+    this is the hot path, run under vmap by the algorithms.
     """
-    support_grad, hvp = linearize_grad(support_loss, phi, mode=hvp_mode)
+    support_grad, hvp, support_value = linearize_grad(
+        support_loss, phi, mode=hvp_mode, with_value=True
+    )
     A = implicit_operator(hvp, lam=lam, cg_damping=cg_damping, lam_damping=lam_damping)
     if isinstance(lam, Mapping):
         s = {k: (lam[k] + lam_damping) ** -0.5 for k in lam}
         w, info = solve(
             A, {k: s[k] * query_grad[k] for k in query_grad}, method=solver, steps=steps, tol=tol
         )
-        return {k: w[k] / s[k] for k in w}, info, support_grad
-    g, info = solve(A, query_grad, method=solver, steps=steps, tol=tol)
-    return g, info, support_grad
+        g = {k: w[k] / s[k] for k in w}
+    else:
+        g, info = solve(A, query_grad, method=solver, steps=steps, tol=tol)
+    return (g, info, support_grad, support_value) if with_loss else (g, info, support_grad)
 
 
 def lam_gradient(g: Params, support_grad: Params, lam) -> Tensor | dict[str, Tensor]:

@@ -556,7 +556,12 @@ def _train(
         "seconds_per_step": elapsed / max(steps_this_run, 1),
         "stopped_by": stopped_by,
         "cuda_graph": {"replays": meta_step.replays, "fallback": meta_step.fallback_reason},
-        "compile": {"mode": compile_mode, "fallback": meta_step.compile_error},
+        "compile": {
+            "mode": compile_mode,
+            "fallback": meta_step.compile_error,
+            "solve_piece": meta_step.solve_piece,
+            "query_per_task": meta_step.query_per_task,
+        },
         "hvp_mode": getattr(alg, "hvp_mode", None),
         "best": best,
         "out": str(out),

@@ -47,12 +47,14 @@ def piecewise_unsupported(settings, *, algo: str) -> str | None:
 
 
 class Pieces(NamedTuple):
-    """The batched functions of ``IMAML.meta_grad_piecewise`` (see there): ``solve`` is
-    None unless the solver runs as one piece (``pieces(solve_piece=True)``)."""
+    """The batched functions of ``IMAML.meta_grad_piecewise`` (see there). The product
+    path (``pieces(solve_piece=False)``) has ``linearize`` and ``matvec``; the solve path
+    (``solve_piece=True``) has ``query`` and ``solve``; the other two are None."""
 
     inner_step: Callable
-    linearize: Callable
-    matvec: Callable
+    linearize: Callable | None = None
+    matvec: Callable | None = None
+    query: Callable | None = None
     solve: Callable | None = None
 
 
@@ -165,10 +167,10 @@ class IMAML(MetaAlgorithm):
             return loss, ({} if metric is None else {"query_accuracy": metric})
 
         v, (q_loss, q_metrics) = grad_and_value(query, has_aux=True)(phi)
-        g, info, support_grad = self._solve(support_loss, v, phi, lam=lam)
+        g, info, support_grad, s_loss = self._solve(support_loss, v, phi, lam=lam)
         grad_G = proximal_gradient(support_grad, phi, model_theta, lam=lam)
         stats = {
-            "support_loss": support_loss(phi),
+            "support_loss": s_loss,
             "query_loss": q_loss,
             "inner_grad_norm": norm(grad_G),
             "inner_iterations": inner["iterations"],
@@ -188,7 +190,7 @@ class IMAML(MetaAlgorithm):
 
     def _solve(self, support_loss, v, phi, *, lam):
         """``solve_implicit`` with this algorithm's solver settings (the vmap path's and
-        the solve piece's one call)."""
+        the solve piece's one call): (g, solver diagnostics, ∇L̂(φ), L̂(φ))."""
         return solve_implicit(
             support_loss,
             v,
@@ -200,6 +202,7 @@ class IMAML(MetaAlgorithm):
             cg_damping=self.cg_damping,
             lam_damping=self.lam_damping,
             hvp_mode=self.hvp_mode,
+            with_loss=True,
         )
 
     # -- the same meta-gradient with the loops outside vmap --------------------------
@@ -208,30 +211,62 @@ class IMAML(MetaAlgorithm):
         return piecewise_unsupported(self, algo=self.name)
 
     def pieces(
-        self, wrap: Callable[[Callable], Callable] = lambda f: f, *, solve_piece: bool = False
+        self,
+        wrap: Callable[[Callable], Callable] = lambda f: f,
+        *,
+        solve_piece: bool = False,
+        query_per_task: int | None = None,
     ) -> Pieces:
         """The batched functions ``meta_grad_piecewise`` calls, each ``wrap``ped once
         (``torch.compile`` in ``imaml.cuda_graph.MetaStep``).
 
-        ``solve_piece=True`` adds ``solve``, the whole linear solve as one piece: the
-        support gradient is linearised once per task and the solver's steps reuse it, as
-        on the vmap path (a bigger program to compile, and no forward and backward pass
-        repeated per solver step). Without it the solver calls ``matvec`` once per step,
-        which recomputes the gradient at φ (a compiled piece cannot keep the
-        linearisation between calls; linearising by ``torch.autograd`` outside vmap
-        instead gets batch normalisation's second derivatives wrong in PyTorch 2.13,
-        tests/test_autodiff.py).
+        Without ``solve_piece`` (the product path): ``inner_step``, ``linearize`` (the query
+        gradient v = ∇L(φ) and the support set's statistics) and ``matvec``, one product
+        with I + H/λ, which the solver calls once per step; each product recomputes the
+        gradient at φ (a compiled piece cannot keep the linearisation between calls;
+        linearising by ``torch.autograd`` outside vmap instead gets batch normalisation's
+        second derivatives wrong in PyTorch 2.13, tests/test_autodiff.py).
+
+        With ``solve_piece=True`` (the solve path): ``inner_step``, ``query`` (v and the
+        query statistics) and ``solve``, the whole linear solve as one piece: the support
+        gradient is linearised once per task, its forward pass also gives the support
+        statistics, and the solver's steps reuse it, as on the vmap path (a bigger program
+        to compile, and no forward and backward pass repeated per solver step).
+        ``query_per_task`` (solve path only): from that many query examples per task on,
+        ``query`` runs a one-task program task by task instead of under vmap, where vmap's
+        grouped convolutions are slower than dense ones (the peer setting's 75 query
+        images per task on 2 CPU cores; see ``imaml.cuda_graph.QUERY_PER_TASK``). One
+        Python call per task, once per meta-step, outside the inner and solver loops.
 
         Each piece is its own function calling ``vmap`` inside, not ``vmap``'s wrapper
-        itself: dynamo keeps at most 8 compiled entries per code object, and the three
-        pieces of every algorithm in a process would otherwise share vmap's one wrapper
-        code (a third compiled algorithm fell back to eager). Now the limit is 8
-        algorithms per process, as for the whole compiled step; each batch shape is an
-        entry of its own (``task_chunk`` with a smaller last chunk: two per algorithm)."""
+        itself: dynamo keeps at most 8 compiled entries per code object, and the pieces
+        of every algorithm in a process would otherwise share vmap's one wrapper code (a
+        third compiled algorithm fell back to eager). Now the limit is 8 algorithms per
+        process, as for the whole compiled step; each batch shape is an entry of its own
+        (``task_chunk`` with a smaller last chunk: two per algorithm)."""
         task = (None, 0, 0)  # θ shared, φ and the support set per task
 
         def inner_step(theta, phi, sx, sy):
             return vmap(self._piece_inner_step, in_dims=(*task, 0))(theta, phi, sx, sy)
+
+        whole = isinstance(query_per_task, int) and not isinstance(query_per_task, bool)
+        if query_per_task is not None and (not solve_piece or not whole or query_per_task < 1):
+            raise ValueError(
+                "query_per_task (an integer >= 1) applies to the solve path (solve_piece=True), "
+                f"got {query_per_task!r} with solve_piece={solve_piece!r}"
+            )
+        if solve_piece:
+
+            def query(phi, qx, qy):
+                return vmap(self._piece_query)(phi, qx, qy)
+
+            def solve(theta, phi, sx, sy, v):
+                return vmap(self._piece_solve, in_dims=(*task, 0, 0))(theta, phi, sx, sy, v)
+
+            query = wrap(query)
+            if query_per_task is not None:
+                query = self._query_task_by_task(wrap, query, query_per_task)
+            return Pieces(inner_step=wrap(inner_step), query=query, solve=wrap(solve))
 
         def linearize(theta, phi, sx, sy, qx, qy):
             run = vmap(self._piece_linearize, in_dims=(*task, 0, 0, 0))
@@ -240,15 +275,27 @@ class IMAML(MetaAlgorithm):
         def matvec(phi, sx, sy, u):
             return vmap(self._piece_matvec)(phi, sx, sy, u)
 
-        def solve(phi, sx, sy, v):
-            return vmap(self._piece_solve)(phi, sx, sy, v)
+        return Pieces(inner_step=wrap(inner_step), linearize=wrap(linearize), matvec=wrap(matvec))
 
-        return Pieces(
-            inner_step=wrap(inner_step),
-            linearize=wrap(linearize),
-            matvec=wrap(matvec),
-            solve=wrap(solve) if solve_piece else None,
-        )
+    def _query_task_by_task(self, wrap, batched: Callable, least: int) -> Callable:
+        """``batched`` (the vmapped query piece) for tasks of fewer than ``least`` query
+        examples; from ``least`` on, the one-task query piece called task by task and its
+        outputs stacked (the same values; equal in float64, tests/test_piecewise.py)."""
+
+        def query_one(phi, qx, qy):
+            return self._piece_query(phi, qx, qy)
+
+        one = wrap(query_one)
+
+        def query(phi, qx, qy):
+            if qx.shape[1] < least:
+                return batched(phi, qx, qy)
+            outs = [one({k: t[i] for k, t in phi.items()}, qx[i], qy[i]) for i in range(len(qx))]
+            stack = lambda dicts: {k: torch.stack([d[k] for d in dicts]) for k in dicts[0]}
+            v, q_loss, q_metrics = zip(*outs, strict=True)
+            return stack(v), torch.stack(q_loss), stack(q_metrics)
+
+        return query
 
     def _piece_inner_step(self, theta, phi, sx, sy):
         """One step of the inner loop (gradient descent on G, or on L̂ for the
@@ -256,18 +303,25 @@ class IMAML(MetaAlgorithm):
         objective = inner_objective(self.loss_of(sx, sy), theta, lam=self.lam, variant=self.variant)
         return gd(objective, phi, steps=1, lr=self.inner_lr)[0]
 
-    def _piece_linearize(self, theta, phi, sx, sy, qx, qy):
-        """v = ∇L(φ), ∇L̂(φ) and the task's statistics at the inner solution."""
+    def _piece_query(self, phi, qx, qy):
+        """v = ∇L(φ), the query loss and the query metrics at the inner solution."""
 
         def query(p):
             loss, metric = self.loss_and_metric(p, qx, qy)
             return loss, ({} if metric is None else {"query_accuracy": metric})
 
         v, (q_loss, q_metrics) = grad_and_value(query, has_aux=True)(phi)
-        support_grad, s_loss = grad_and_value(self.loss_of(sx, sy))(phi)
+        return v, q_loss, q_metrics
+
+    def _support_stats(self, theta, phi, support_grad, s_loss):
         grad_G = proximal_gradient(support_grad, phi, theta, lam=self.lam)
-        stats = {"support_loss": s_loss, "query_loss": q_loss, "inner_grad_norm": norm(grad_G)}
-        return v, stats, q_metrics
+        return {"support_loss": s_loss, "inner_grad_norm": norm(grad_G)}
+
+    def _piece_linearize(self, theta, phi, sx, sy, qx, qy):
+        """v = ∇L(φ), ∇L̂(φ) and the task's statistics at the inner solution."""
+        v, q_loss, q_metrics = self._piece_query(phi, qx, qy)
+        support_grad, s_loss = grad_and_value(self.loss_of(sx, sy))(phi)
+        return v, q_loss, q_metrics, self._support_stats(theta, phi, support_grad, s_loss)
 
     def _piece_matvec(self, phi, sx, sy, u):
         """u ↦ (I + H/λ)u (with the damping of ``implicit_operator``), H = ∇²L̂(φ)."""
@@ -277,11 +331,11 @@ class IMAML(MetaAlgorithm):
         )
         return A(u)
 
-    def _piece_solve(self, phi, sx, sy, v):
-        """The task's g = (I + H/λ)⁻¹v (with the damping of ``implicit_operator``) and the
-        solver's diagnostics, H linearised once at φ."""
-        g, info, _ = self._solve(self.loss_of(sx, sy), v, phi, lam=self.lam)
-        return g, info
+    def _piece_solve(self, theta, phi, sx, sy, v):
+        """The task's g = (I + H/λ)⁻¹v (with the damping of ``implicit_operator``), the
+        solver's diagnostics and the support statistics, H linearised once at φ."""
+        g, info, support_grad, s_loss = self._solve(self.loss_of(sx, sy), v, phi, lam=self.lam)
+        return g, info, self._support_stats(theta, phi, support_grad, s_loss)
 
     def meta_grad_piecewise(
         self, params: Params, batch: TaskBatch, pieces: Pieces
@@ -329,10 +383,11 @@ class IMAML(MetaAlgorithm):
         for _ in range(self.inner_steps):
             phi = pieces.inner_step(theta, phi, sx, sy)
         phi = pull_back(phi, theta, lam=self.lam, inner_lr=self.inner_lr, variant=self.variant)
-        v, stats, q_metrics = pieces.linearize(theta, phi, sx, sy, qx, qy)
         if pieces.solve is not None:
-            g, info = pieces.solve(phi, sx, sy, v)
+            v, q_loss, q_metrics = pieces.query(phi, qx, qy)
+            g, info, support = pieces.solve(theta, phi, sx, sy, v)
         else:
+            v, q_loss, q_metrics, support = pieces.linearize(theta, phi, sx, sy, qx, qy)
             b, unravel = ravel(v, batch_dims=1)  # (T, n): one system per task
 
             def A(x):
@@ -341,7 +396,9 @@ class IMAML(MetaAlgorithm):
             x, info = solve(A, b, method=self.solver, steps=self.cg_steps, tol=self.cg_tol)
             g = unravel(x)
         stats = {
-            **stats,
+            "support_loss": support["support_loss"],
+            "query_loss": q_loss,
+            "inner_grad_norm": support["inner_grad_norm"],
             "inner_iterations": torch.full((T,), self.inner_steps, device=sx.device),
             "solver_residual": info["residual"],
             "solver_iterations": info["iterations"],
