@@ -141,6 +141,7 @@ def main() -> int:
         "peers_pieces_nchw_2",
         "peers_pieces_solve",
         "peers_pieces_query",
+        "peers_pieces_query_2",
     ):
         r = load(name)
         if r:
