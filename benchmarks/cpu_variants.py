@@ -34,7 +34,7 @@ own empty inductor cache; not in the default set):
   one compiled product per solver step that recomputes the gradient (``solve_piece=False``,
   the default before);
 - ``pieces-query-vmap``: the solve path with the query gradient under vmap for any number
-  of query images (``query_per_task=None``; by default it runs task by task from 20 query
+  of query images (``query_per_task=None``; by default it runs task by task from 40 query
   images per task on, ``imaml.cuda_graph.QUERY_PER_TASK``);
 - ``threads``: the eager step, its meta-batch split over two Python threads with one
   intra-op thread and a copy of the network each (one process with two intra-op threads

@@ -146,6 +146,20 @@ def main() -> int:
         r = load(name)
         if r:
             peers_table(r)
+    r = load("query_per_task")
+    if r:
+        by = {}
+        for x in r["rows"]:
+            if "vmap" in x:
+                by.setdefault(x["images_per_task"], []).append(x)
+        n = r["config"]["processes"]
+        print(f"| query images per task | vmap (ms, {n} processes) | task by task (ms) |")
+        print("|---|---|---|")
+        for k, xs in sorted(by.items()):
+            v = [x["vmap"]["median_ms"] for x in xs]
+            t = [x["per-task"]["median_ms"] for x in xs]
+            print(f"| {k} | {min(v):.0f}–{max(v):.0f} | {min(t):.0f}–{max(t):.0f} |")
+        print()
     r = load("peers_float64")
     if r:
         for k, v in r["distance_to_converged"].items():

@@ -287,8 +287,8 @@ def test_query_per_task_default_by_device_network_and_path():
 
     conv = make_algorithm("imaml", model=conv_setup()[0])
     mlp = make_algorithm("imaml", model=MLP((1, 4, 1)), loss="mse")
-    assert cuda_graph.QUERY_PER_TASK == {"cpu": 20, "cuda": None}
-    assert MetaStep(conv, compile="pieces").query_per_task == 20
+    assert cuda_graph.QUERY_PER_TASK == {"cpu": 40, "cuda": None}
+    assert MetaStep(conv, compile="pieces").query_per_task == 40
     assert MetaStep(conv, compile="pieces", solve_piece=False).query_per_task is None
     assert MetaStep(mlp, compile="pieces").query_per_task is None
     assert MetaStep(conv, compile="off").query_per_task is None

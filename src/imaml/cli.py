@@ -367,6 +367,7 @@ BENCHMARKS = (
     "conv_layouts",
     "profile_step",
     "cpu_variants",
+    "query_per_task",
     "float32_sensitivity",
     "train_overhead",
     "gpu_step",

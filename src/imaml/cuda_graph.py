@@ -91,11 +91,14 @@ SOLVE_PIECE = {"cpu": True, "cuda": False}
 # one-task compiled program called per task, IMAML.pieces' query_per_task) from this many
 # query examples per task on, per device type. Under vmap each convolution is one grouped
 # convolution over the tasks, which oneDNN runs slower than a dense one per task once a
-# task has enough images (2 CPU cores, omniglot network, 32 tasks, compiled, 2026-11-27:
-# 292-310 against 243-274 ms at 75 query images per task, 107 against 88 ms at 25, even
-# at 15, slower below: 40 against 52 ms at 10, 20 against 40 ms at 5). Not on CUDA (not
-# measured there; per-task launches are what the graph exists to avoid).
-QUERY_PER_TASK = {"cpu": 20, "cuda": None}
+# task has enough images (2 CPU cores, omniglot network, 32 tasks, compiled, 2026-11-27,
+# docs/benchmarks/query_per_task.json: 214-251 against 307-314 ms at 75 query images per
+# task, 156-168 against 209-212 ms at 50, 72-75 against 81-84 ms at 20, equal at 15,
+# slower below). The per-task program is slower in some processes than in others: in ad
+# hoc runs 3 of 10 processes at 25-30 images ran it 11-29% slower than vmap, and from 40
+# on none by more than 3%, hence 40. Not on CUDA (not measured there; per-task launches
+# are what the graph exists to avoid).
+QUERY_PER_TASK = {"cpu": 40, "cuda": None}
 
 
 def auto_hvp_mode(device: torch.device | str, compile: str) -> str:
