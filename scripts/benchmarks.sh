@@ -29,12 +29,21 @@ $PY cpu_variants.py --repeats 7 --malloc keep --name cpu_pieces_layout \
     --variants pieces-cold pieces-channels-last
 $PY cpu_variants.py --repeats 9 --malloc keep --queries 1 --name cpu_pieces_layout_q1 \
     --variants pieces-cold pieces-channels-last
+# pieces-cold is the default of the day; the product piece is pieces-matvec since the
+# solve piece became the CPU's default (the recorded cpu_pieces_solve* name it pieces-cold)
 $PY cpu_variants.py --repeats 5 --malloc keep --name cpu_pieces_solve \
-    --variants pieces-cold pieces-solve
+    --variants pieces-matvec pieces-solve
 $PY cpu_variants.py --repeats 7 --malloc keep --queries 1 --name cpu_pieces_solve_q1 \
-    --variants pieces-cold pieces-solve
+    --variants pieces-matvec pieces-solve
 $PY peers.py --impls ours-pieces-cg,ours-loop-cg,torchopt-cg,torchopt-example \
     --mallocs system,keep --repeats 5 --name peers_pieces_solve
+$PY query_per_task.py --processes 3
+$PY cpu_variants.py --repeats 7 --malloc keep --name cpu_pieces_query \
+    --variants pieces-solve pieces-query-vmap
+for name in peers_pieces_query peers_pieces_query_2; do  # twice: the run-to-run spread
+    $PY peers.py --impls ours-pieces-cg,ours-loop-cg,torchopt-cg,torchopt-example \
+        --mallocs system,keep --repeats 5 --name "$name"
+done
 $PY distributed_throughput.py
 $PY float32_sensitivity.py
 $PY train_overhead.py
