@@ -27,19 +27,22 @@
 # 354 s on an H200 on 2026-11-27: tests 54 s, compile stage 93 s, training 150 s):
 #   STAGES="device tests compile train" COMPILE_S=300 TRAIN_ARGS="--compile pieces" \
 #   bash benchmarks/gpu_check.sh 150
-# or, NEXT: the paper's whole 20,000-step schedule with the defaults (on CUDA: compiled
-# product pieces, forward-over-reverse products, the one-behind loop; 15.9 ms per training
-# step on an H200 on 2026-11-27, so ~6 minutes plus ~80 s of compilation) and its 600-task
-# test evaluation, in one call of the device tool (10 minutes at most):
-#   STAGES="device train" bash benchmarks/gpu_check.sh 500
-# or, also NEXT: whether the solve piece compiles on CUDA with either of two inductor
-# options. Triton failed on its fused MINRES kernel (a persistent reduction,
-# "triton_per_fused_..._linalg_vector_norm_...": "PassManager::run failed" in make_ttgir),
-# as it has failed on inductor's mix-order reductions elsewhere; turning off either may
-# avoid that kernel. The product pieces' 15.7 ms (fwd) is the figure to beat:
-#   STAGES="device compile" COMPILE_S=540 COMPILE_MODES=pieces-solve STEP_ARGS="--repeats \
-#   20 --compile-hvp fwd --compile-inductor triton.mix_order_reduction=False \
-#   triton.persistent_reductions=False" bash benchmarks/gpu_check.sh
+# or, NEXT (the fifth loan, two calls of the device tool, the second at once so that the
+# machine and inductor's cache stay warm): the race (stage race; RACE lists the compiled
+# variants as gpu_step.py --compile-variant MODE:CONV[:OPTIONS]). Its default six: the
+# product pieces with native convolutions (the CUDA default, 15.7 ms on an H200), with
+# im2col from strided slices (--conv slices: no cuDNN transposes, which were ~27% of the
+# step's kernel time) and with slices in the first layer only (its depthwise kernels were
+# ~13%); and the solve piece (the gradient linearised once per task instead of recomputed
+# at each of the 5 products) with native convolutions and inductor's persistent or its
+# mix-order reductions off (Triton failed on the fused MINRES update's persistent
+# reduction in the fourth loan), and with slices and both off. Phase 1 compiles them all
+# at once beside the CUDA tests; phase 2 times those that compiled in one process:
+#   STAGES="device race" bash benchmarks/gpu_check.sh
+# then the paper's whole 20,000-step schedule and its 600-task test evaluation with the
+# fastest variant as if it were the defaults (benchmarks/train_as_winner.py), its pieces
+# from the race's cache:
+#   STAGES="device train" WINNER=/tmp/imaml-race-winner.json bash benchmarks/gpu_check.sh 420
 # Run on an H200 on 2026-11-27 (the fourth loan; solve_check_log_h200.txt): the solver as
 # one compiled piece (the CPU's default) with forward-over-reverse products, a training
 # run with the defaults of the time, then channels-last convolutions with the product
@@ -72,6 +75,7 @@ OUT=${OUT:-docs/benchmarks/gpu}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY=$(command -v "${PYTHON:-python3}")
+PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")  # absolute: stages cd into benchmarks
 TRAIN_S=${1:-240}
 COMPILE_S=${COMPILE_S:-0}
 COMPILE_MODES=${COMPILE_MODES:-pieces}
@@ -84,6 +88,15 @@ DEVICE=${DEVICE:-cuda}
 STEP_ARGS=${STEP_ARGS:---repeats 20}
 FIG2B_ARGS=${FIG2B_ARGS:---meta-batch 32 --time-cap 5 --repeats 2}
 STAGES=${STAGES:-device tests step profile compile fig2b train}
+RACE=${RACE:-pieces:native pieces:slices pieces:slices-first \
+pieces-solve:native:triton.persistent_reductions=False \
+pieces-solve:native:triton.mix_order_reduction=False \
+pieces-solve:slices:triton.persistent_reductions=False,triton.mix_order_reduction=False}
+RACE_COMPILE_S=${RACE_COMPILE_S:-240}
+RACE_TIME_S=${RACE_TIME_S:-150}
+RACE_TESTS=${RACE_TESTS:-1}
+RACE_ARGS=${RACE_ARGS:-}  # more gpu_step.py arguments for both phases (--tasks 4 on a CPU)
+WINNER=${WINNER:-}  # a race winner's JSON: the train stage trains as it (train_as_winner.py)
 exec > >(tee "$OUT/log.txt") 2>&1
 stage() { echo; echo "== $1 ($SECONDS s)"; }
 on() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -114,6 +127,63 @@ if on compile && [ "$COMPILE_S" -gt 0 ]; then
   (cd benchmarks && timeout "$COMPILE_S" $PY gpu_step.py $STEP_ARGS --compile $COMPILE_MODES --out "$OUT")
 fi
 
+if on race; then
+  # phase 1: every variant of RACE compiles in its own process, all at once (the CPU work;
+  # this phase's timings are not used), with the CUDA tests beside them; phase 2: the
+  # variants that compiled, timed one after another in one process from inductor's cache;
+  # the fastest graph row goes to $WINNER (read by the train stage) and $OUT/winner.json
+  stage "race, phase 1: $RACE"
+  WINNER=${WINNER:-/tmp/imaml-race-winner.json}
+  rm -f "$WINNER"
+  R=$OUT/race
+  mkdir -p "$R/warm"
+  read -r -a variants <<< "$RACE"
+  pids=()
+  for v in "${variants[@]}"; do
+    n=$(echo "$v" | tr ':=,.' '____')
+    (cd benchmarks && timeout "$RACE_COMPILE_S" $PY gpu_step.py $RACE_ARGS --repeats 2 \
+      --graph-only --no-reference --compile-hvp fwd --compile-variant "$v" --out "$R/warm/$n" \
+      > "$R/warm/$n.log" 2>&1) &
+    pids+=($!)
+  done
+  if [ "$RACE_TESTS" = 1 ]; then
+    timeout "$RACE_COMPILE_S" $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+      tests/test_cuda_graph.py > "$R/tests.log" 2>&1 &
+    pids+=($!)
+  fi
+  wait "${pids[@]}"  # not a bare wait: that would wait for the log's tee too
+  [ "$RACE_TESTS" = 1 ] && tail -5 "$R/tests.log"
+  ok=()
+  for v in "${variants[@]}"; do
+    n=$(echo "$v" | tr ':=,.' '____')
+    if $PY - "$R/warm/$n/gpu_step_compiled.json" <<'PY'
+import json, sys
+rows = json.load(open(sys.argv[1]))["rows"]
+sys.exit(0 if any("ms" in r and r["variant"].startswith("graph-compiled") for r in rows) else 1)
+PY
+    then ok+=("$v"); echo "compiled: $v"
+    else echo "FAILED: $v"; grep -h -m3 -E "Error|error" "$R/warm/$n.log" | cut -c1-300
+    fi
+  done
+  stage "race, phase 2: ${ok[*]}"
+  if [ ${#ok[@]} -gt 0 ]; then
+    (cd benchmarks && timeout "$RACE_TIME_S" $PY gpu_step.py $RACE_ARGS --repeats 30 \
+      --compile-hvp fwd \
+      --compile-variant "${ok[@]}" --out "$R")
+    $PY - "$R/gpu_step_compiled.json" "$WINNER" <<'PY'
+import json, sys
+rows = [r for r in json.load(open(sys.argv[1]))["rows"] if "ms" in r]
+rows = [r for r in rows if r["variant"].startswith("graph-compiled")]
+best = min(rows, key=lambda r: r["ms"])
+json.dump(best, open(sys.argv[2], "w"), indent=1)
+print(f"fastest: {best['variant']} with {best['conv']} convolutions, {best['ms']:.2f} ms")
+PY
+    cp "$WINNER" "$OUT/winner.json"
+    cp "$R/gpu_step_compiled.json" "$OUT/race_step.json"
+  fi
+  tar -czf "$OUT/race.tar.gz" -C "$R" . && rm -rf "$R"
+fi
+
 if on loop; then
   stage "the training loop's cost beyond the meta-step: $LOOP_ARGS"
   (cd benchmarks && timeout "$LOOP_S" $PY train_overhead.py --device "$DEVICE" $LOOP_ARGS --out "$OUT")
@@ -129,7 +199,11 @@ stage "training omniglot-5w1s for up to ${TRAIN_S} s ${TRAIN_ARGS}"
 RUN=/tmp/imaml-gpu-run
 rm -rf "$RUN"
 budget=$(python3 -c "print($TRAIN_S / 60)")
-timeout $((TRAIN_S + 90)) $PY -m imaml train --preset omniglot-5w1s --device "$DEVICE" \
+TRAIN=(-m imaml)
+if [ -n "$WINNER" ] && [ -f "$WINNER" ]; then  # the race's fastest, as if the defaults
+  TRAIN=(benchmarks/train_as_winner.py "$WINNER")
+fi
+timeout $((TRAIN_S + 90)) $PY "${TRAIN[@]}" train --preset omniglot-5w1s --device "$DEVICE" \
   --time-budget "$budget" --val-every 1000 --val-tasks 200 --out "$RUN" --quiet --no-test \
   $TRAIN_ARGS
 tail -n 3 "$RUN/metrics.jsonl" | cut -c1-400

@@ -14,8 +14,10 @@ Convolutions (``--convs``; ``imaml.models.set_conv_impl``): ``native`` (cuDNN; u
 a grouped convolution, one group per task), ``unfold`` (im2col + batched GEMM in full
 float32), ``unfold-tf32`` (the same with TF32 matrix products, as cuDNN's convolutions
 use TF32 by default), ``unfold-first`` (only the first layer unfolded: with one input
-channel, vmap's grouped convolution is a depthwise one). The loop and the eager
-per-tensor vmap run with ``native`` only.
+channel, vmap's grouped convolution is a depthwise one); for the compiled variants also
+``slices`` and ``slices-first`` (im2col from strided slices, which inductor fuses;
+``imaml.models.conv2d_slices``). The loop and the eager per-tensor vmap run with
+``native`` only.
 
 Times are medians over ``--repeats`` calls, each bracketed by synchronisations; memory is
 ``torch.cuda.max_memory_allocated`` for the call. Random images (the timing does not
@@ -64,6 +66,9 @@ from imaml.params import norm, sub
 from common import OUT, machine, timeit
 
 CONVS = ("native", "unfold", "unfold-tf32", "unfold-first")
+# im2col from strided slices (imaml.models.conv2d_slices), all layers or the first: for the
+# compiled variants (--compile-conv), where inductor fuses the slices
+COMPILE_CONVS = (*CONVS, "slices", "slices-first")
 
 
 def batch_of(tasks: int, queries: int, device, g) -> TaskBatch:
@@ -74,11 +79,9 @@ def batch_of(tasks: int, queries: int, device, g) -> TaskBatch:
 
 def use_conv(model: OmniglotConvNet, name: str) -> None:
     """Set the network's convolutions (and the TF32 matmul flag) for variant ``name``."""
-    if name not in CONVS:
-        raise ValueError(f"unknown conv variant {name!r}; choose from {CONVS}")
-    set_conv_impl(model, "native" if name in ("native", "unfold-first") else "unfold")
-    if name == "unfold-first":
-        model.features[0].impl = "unfold"
+    if name not in COMPILE_CONVS:
+        raise ValueError(f"unknown conv variant {name!r}; choose from {COMPILE_CONVS}")
+    set_conv_impl(model, name.removesuffix("-tf32"))
     # touched only when it must change: setting it at all (even to its default, False)
     # changes inductor's cache key, and imaml train's pieces would then compile again
     # instead of coming from this benchmark's cache
@@ -120,6 +123,17 @@ def inductor_options(text: str) -> dict:
     return out
 
 
+def compile_variant(text: str) -> tuple[str, str, dict]:
+    """``MODE:CONV[:OPTIONS]`` (``pieces-solve:slices:triton.persistent_reductions=False``)
+    as (mode, convolutions, inductor options)."""
+    mode, _, rest = text.partition(":")
+    conv, _, options = rest.partition(":")
+    if mode not in ("pieces", "pieces-solve", "step") or conv not in COMPILE_CONVS:
+        msg = f"{text!r}: not MODE:CONV[:OPTIONS] with MODE pieces, pieces-solve or step and "
+        raise argparse.ArgumentTypeError(msg + f"CONV one of {COMPILE_CONVS}")
+    return mode, conv, inductor_options(options or "default")
+
+
 def measure(fn, device, repeats: int, warmup: int) -> dict:
     cuda = device.type == "cuda"
     if cuda:
@@ -150,7 +164,13 @@ def main(argv=None) -> int:
         help="only the torch.compile variants, in this order (pieces: one compiled "
         "Hessian-vector product per solver step; pieces-solve: the solve as one piece)",
     )
-    ap.add_argument("--compile-conv", default="fastest", choices=("fastest", *CONVS))
+    ap.add_argument("--compile-conv", default="fastest", choices=("fastest", *COMPILE_CONVS))
+    ap.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="with --compile: skip the uncompiled graph and graph-pieces rows (the meta-"
+        "gradient they are compared with is still computed)",
+    )
     ap.add_argument("--compile-hvp", nargs="+", default=["rev"], choices=("rev", "fwd"))
     ap.add_argument("--compile-queries", type=int, nargs="+", default=[1])
     ap.add_argument(
@@ -163,13 +183,31 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--compile-inductor",
         nargs="+",
-        default=["default"],
+        default=[{}],
         type=inductor_options,
         metavar="KEY=VALUE[,KEY=VALUE]",
         help="inductor options for the compiled variants, one set per argument (default: "
         "none), e.g. triton.mix_order_reduction=False: each set is a row of its own",
     )
+    ap.add_argument(
+        "--compile-variant",
+        nargs="+",
+        default=[],
+        type=compile_variant,
+        metavar="MODE:CONV[:KEY=VALUE[,KEY=VALUE]]",
+        help="compiled steps to time besides the product of the --compile options, each "
+        "with its own mode, convolutions and inductor options (HVPs: the first of "
+        "--compile-hvp), e.g. pieces:slices or pieces-solve:native:triton."
+        "persistent_reductions=False",
+    )
+    ap.add_argument(
+        "--graph-only",
+        action="store_true",
+        help="time the compiled steps in the CUDA graph only, not also without it",
+    )
     args = ap.parse_args(argv)
+    compiling = bool(args.compile or args.compile_variant)
+    args.compile = args.compile or []  # with --compile-variant alone: the variants alone
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     g = torch.Generator().manual_seed(0)
     model = OmniglotConvNet(5, channels=args.channels, generator=g).to(device)
@@ -177,7 +215,7 @@ def main(argv=None) -> int:
     hp = dict(model=model, lam=2.0, inner_steps=16, inner_lr=0.1)
     rows = []
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / ("gpu_step_compiled.json" if args.compile else "gpu_step.json")
+    path = args.out / ("gpu_step_compiled.json" if compiling else "gpu_step.json")
     setup = {"tasks": args.tasks, "channels": args.channels, "inner_steps": 16, "cg_steps": 5}
 
     def save() -> None:  # after every row: a stage stopped by its time limit keeps its rows
@@ -227,28 +265,40 @@ def main(argv=None) -> int:
         record(name, fn, algo=alg.name, queries=queries, conv=conv, repeats=repeats)
 
     imaml = lambda **kw: make_algorithm("imaml", **hp, **kw)
-    if args.compile:
+    if compiling:
         conv = args.compile_conv
-        if conv == "fastest":
+        if conv == "fastest" and args.compile:
             conv = fastest_conv(args.out / "gpu_step.json")
-        use_conv(model, conv)
         graph = "on" if device.type == "cuda" else "off"
+        # (mode, hvp, layout, inductor options, convolutions) per compiled step
+        combos = [
+            (mode, hvp, layout, options, conv)
+            for mode, hvp, layout, options in itertools.product(
+                args.compile, args.compile_hvp, args.compile_layout, args.compile_inductor
+            )
+        ]
+        combos += [(m, args.compile_hvp[0], "default", o, c) for m, c, o in args.compile_variant]
 
         def compile_rows(q: int) -> None:
             batch = batch_of(args.tasks, q, device, g)
-            eager = MetaStep(imaml(flat=True), mode=graph)
-            ref = eager(params, batch)[0]
-            kw = dict(algo="imaml", queries=q, conv=conv, repeats=args.repeats, ref=ref)
-            record("graph", lambda: eager(params, batch), **kw)
-            if q == args.compile_queries[0]:
-                plain = imaml(flat=True)
-                uncompiled = MetaStep(plain, mode=graph)  # the piecewise step, nothing compiled
-                pieces = plain.pieces()
-                uncompiled.step = lambda p, b: plain.meta_grad_piecewise(p, b, pieces)
-                record("graph-pieces", lambda: uncompiled(params, batch), **kw)
-            for mode, hvp, layout, options in itertools.product(
-                args.compile, args.compile_hvp, args.compile_layout, args.compile_inductor
-            ):
+            refs = {}  # the uncompiled graph's meta-gradient per convolution choice
+            for mode, hvp, layout, options, conv in combos:
+                use_conv(model, conv)
+                kw = dict(algo="imaml", queries=q, conv=conv, repeats=args.repeats)
+                if conv not in refs:
+                    eager = MetaStep(imaml(flat=True), mode=graph)
+                    refs[conv] = eager(params, batch)[0]
+                    if not args.no_reference:
+                        record("graph", lambda e=eager: e(params, batch), **kw, ref=refs[conv])
+                    if q == args.compile_queries[0] and not args.no_reference:
+                        plain = imaml(flat=True)
+                        uncompiled = MetaStep(plain, mode=graph)  # piecewise, nothing compiled
+                        pieces = plain.pieces()
+                        uncompiled.step = functools.partial(
+                            plain.meta_grad_piecewise, pieces=pieces
+                        )
+                        run_it = lambda u=uncompiled: u(params, batch)
+                        record("graph-pieces", run_it, **kw, ref=refs[conv])
                 # one compiled step: the graph captures it, and it is timed eager too
                 alg = imaml(flat=True, hvp_mode=hvp)
                 solve = {"pieces": False, "pieces-solve": True}.get(mode)
@@ -264,13 +314,16 @@ def main(argv=None) -> int:
                         (f"graph-compiled-{name}", step),
                         (f"compiled-{name}", step._step),
                     ):
+                        if variant.startswith("compiled-") and args.graph_only:
+                            continue
                         run_it = lambda fn=fn: fn(params, batch)
-                        extra = {"inductor_options": options}
-                        record(variant, run_it, **kw, warmup=1, extra=extra)
+                        extra = {"inductor_options": options, "mode": mode, "hvp_mode": hvp}
+                        record(variant, run_it, **kw, ref=refs[conv], warmup=1, extra=extra)
+            use_conv(model, "native")
 
         for q in args.compile_queries:
             compile_rows(q)
-    for q in [] if args.compile else args.queries:
+    for q in [] if compiling else args.queries:
         batch = batch_of(args.tasks, q, device, g)
         kw = dict(repeats=args.repeats, queries=q)
         if args.loop_repeats > 0:

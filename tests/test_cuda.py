@@ -54,13 +54,14 @@ def test_training_with_cuda_graphs_matches_eager(tmp_path):
 
 
 @cuda
-def test_unfold_convolutions_on_cuda_match_native_on_cpu_in_float64():
+@pytest.mark.parametrize("impl", ["unfold", "slices"])
+def test_im2col_convolutions_on_cuda_match_native_on_cpu_in_float64(impl):
     from imaml.models import set_conv_impl
 
     out = []
-    for device, impl in (("cpu", "native"), ("cuda", "unfold")):
+    for device, conv in (("cpu", "native"), ("cuda", impl)):
         model, theta, batch = conv_setup(torch.float64, T=4, channels=8, device=device)
-        set_conv_impl(model, impl)
+        set_conv_impl(model, conv)
         g, _ = make_algorithm("imaml", model=model, inner_steps=4, flat=True).meta_grad(
             theta, batch
         )
@@ -69,12 +70,13 @@ def test_unfold_convolutions_on_cuda_match_native_on_cpu_in_float64():
 
 
 @cuda
-def test_cuda_graph_with_unfold_convolutions_equals_eager():
+@pytest.mark.parametrize("impl", ["unfold", "slices"])
+def test_cuda_graph_with_im2col_convolutions_equals_eager(impl):
     from imaml.cuda_graph import MetaStep
     from imaml.models import set_conv_impl
 
     model, theta, batch = conv_setup(torch.float32, T=4, channels=8, device="cuda")
-    set_conv_impl(model, "unfold")
+    set_conv_impl(model, impl)
     alg = make_algorithm("imaml", model=model, inner_steps=4, flat=True)
     step = MetaStep(alg, mode="on")
     for shift in (0.0, 0.25):  # the second call replays the captured graph on new values

@@ -84,6 +84,12 @@ HELP = {
     "for reuse, so the meta-step's large tensors are not page-faulted in afresh every step "
     "(same numbers; resident memory stays at its peak; benchmarks/peers.py); system: "
     "glibc's defaults",
+    "conv": "native (default), unfold, slices, unfold-first or slices-first: how the "
+    "network's convolutions are computed (same parameters, same math): the backend's "
+    "(cuDNN, oneDNN; under vmap a grouped convolution per layer), im2col by F.unfold, or "
+    "im2col from strided slices and one matrix product per task, which torch.compile fuses; "
+    "-first: the first layer only (see imaml.models and benchmarks/gpu_step.py "
+    "--compile-conv)",
 }
 
 

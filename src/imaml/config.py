@@ -14,6 +14,7 @@ from .algorithms.imaml import piecewise_unsupported
 from .autodiff import HVP_MODES
 from .inner import VARIANTS
 from .linalg import SOLVERS
+from .models import CONV_CHOICES
 from .solvers import INNER_SOLVERS
 
 TASKS = ("omniglot", "miniimagenet", "sinusoid")
@@ -37,6 +38,7 @@ RUNTIME_FIELDS = (
     "cuda_graph",
     "compile",
     "cpu_malloc",
+    "conv",
 )
 
 
@@ -99,6 +101,7 @@ class Config:
     cuda_graph: str = "auto"  # auto | on | off: replay the meta-step as a CUDA graph
     compile: str = "auto"  # auto | off | step | pieces: torch.compile the meta-step (cuda_graph)
     cpu_malloc: str = "keep"  # keep | system: glibc keeps freed memory for reuse (imaml.malloc)
+    conv: str = "native"  # how convolutions are computed (models.CONV_CHOICES; same math)
 
     def __post_init__(self):
         if isinstance(self.compile, bool):  # configs written before compile took a mode
@@ -236,6 +239,7 @@ def validate(cfg: Config) -> None:
     _choice(cfg, "cuda_graph", ("auto", "on", "off"))
     _choice(cfg, "flat", ("auto", "on", "off"))
     _choice(cfg, "cpu_malloc", ("keep", "system"))
+    _choice(cfg, "conv", CONV_CHOICES)
     _choice(cfg, "compile", ("auto", "off", "step", "pieces"))
     for name in ("cuda_graph", "compile"):
         if getattr(cfg, name) in ("on", "step", "pieces") and not cfg.batched:

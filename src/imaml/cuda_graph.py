@@ -76,6 +76,8 @@ AUTO_COMPILE_MIN_STEPS = {"cuda": 5000, "cpu": 1000}
 # ~100 ms. Plain NCHW took 4-9% less time per step at the peer setting and 8-16% less at
 # the preset's (docs/benchmarks/cpu_pieces_layout{,_q1}.json and ad hoc pairs).
 CPU_PIECES_OPTIONS = {"layout_optimization": False}
+# inductor options for compile="pieces" on CUDA: inductor's own
+CUDA_PIECES_OPTIONS: dict = {}
 # compile="pieces" on the CPU compiles the linear solve as one piece (IMAML.pieces'
 # solve_piece): the support gradient linearised once per task instead of recomputed at
 # each solver step. Interleaved in one process (2026-11-27, 2 cores, freed memory kept):
@@ -218,9 +220,9 @@ class MetaStep:
             )
         self.alg = alg
         kind = next(alg.model.parameters()).device.type
-        if compile_options is None:  # ours: CPU_PIECES_OPTIONS for the pieces on the CPU
-            on_cpu_pieces = self.compile == "pieces" and kind == "cpu"
-            compile_options = CPU_PIECES_OPTIONS if on_cpu_pieces else {}
+        if compile_options is None:  # ours for the pieces: CPU_PIECES_OPTIONS, CUDA_PIECES_OPTIONS
+            ours = {"cpu": CPU_PIECES_OPTIONS, "cuda": CUDA_PIECES_OPTIONS}
+            compile_options = ours.get(kind, {}) if self.compile == "pieces" else {}
         # the solver as one piece: the default for the pieces per device type (SOLVE_PIECE)
         if solve_piece is None:
             solve_piece = self.compile == "pieces" and SOLVE_PIECE.get(kind, False)

@@ -15,7 +15,12 @@ cuBLAS batched GEMMs. The networks are built ``native``: on an H200 the unfolded
 meta-step was 2.6× slower (``F.unfold``'s CUDA kernel is launched once per image,
 thousands of launches per meta-step; benchmarks/gpu_step.py, README), and on 2 CPU cores
 im2col + matrix products were 2–3× slower than oneDNN's grouped convolution. ``unfold``
-is kept so that the benchmark can be rerun on other hardware.
+is kept so that the benchmark can be rerun on other hardware. ``"slices"`` is im2col too,
+built from ``kh·kw`` strided slices of the padded input and one matrix product per batch
+(per task under ``vmap``): every part of it, and of its derivatives, is indexing,
+padding or a matrix product, which ``torch.compile`` fuses into a few kernels, where
+cuDNN's grouped convolutions transpose to NHWC and back around every call and
+``F.unfold`` launches per image (benchmarks/gpu_step.py ``--compile-conv slices``).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ def _init_paper_(module: nn.Module, generator: torch.Generator | None) -> None:
                     m.bias.uniform_(0.0, 0.05, generator=generator)
 
 
-CONV_IMPLS = ("native", "unfold")
+CONV_IMPLS = ("native", "unfold", "slices")
 
 
 def conv2d_unfold(x: Tensor, weight: Tensor, bias: Tensor | None, *, stride, padding) -> Tensor:
@@ -57,6 +62,40 @@ def conv2d_unfold(x: Tensor, weight: Tensor, bias: Tensor | None, *, stride, pad
     return out if bias is None else out + bias.view(1, o, 1, 1)
 
 
+def conv2d_slices(x: Tensor, weight: Tensor, bias: Tensor | None, *, stride, padding) -> Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding)`` as im2col from strided slices.
+
+    x (N, C, H, W), weight (O, C, kh, kw); no dilation or groups. The columns are the
+    ``kh·kw`` shifted, strided slices of the zero-padded input, laid out (N·Ho·Wo, C·kh·kw)
+    so that one matrix product with the flattened weight gives every output position (for
+    an input of at most 3 channels, a multiply-sum over its few taps instead); the result
+    is an NCHW view of an (N, Ho, Wo, O) tensor. Slicing, padding and the matrix product
+    have batching rules to every order of derivative, so ``vmap`` over tasks makes it one
+    batched matrix product per layer.
+    """
+    n, c, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    (sh, sw), (ph, pw) = stride, padding
+    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    xp = nn.functional.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1)  # N, H + 2ph, W + 2pw, C
+    taps = [
+        xp[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    cols = torch.stack(taps, dim=-1).reshape(n * ho * wo, c * kh * kw)  # (c, i, j) order
+    w2d = weight.reshape(o, c * kh * kw)
+    if c <= 3:  # an image's channels: a multiply-sum over the few taps (N·Ho·Wo, O)
+        # inductor fuses it; and the matrix product failed to compile in a forward-over-
+        # reverse product (torch 2.13: "Tensor device mismatch") where the input carries
+        # no derivative and the weights are views of one flat vector (--flat)
+        out = (cols.unsqueeze(-1) * w2d.t()).sum(-2)
+    else:
+        out = torch.matmul(cols, w2d.t())  # N·Ho·Wo, O
+    out = out.view(n, ho, wo, o).permute(0, 3, 1, 2)
+    return out if bias is None else out + bias.view(1, o, 1, 1)
+
+
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` computed by ``impl`` (see the module docstring); state dicts unchanged."""
 
@@ -65,20 +104,30 @@ class Conv2d(nn.Conv2d):
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if self.impl == "native":
             return super()._conv_forward(x, weight, bias)
-        return conv2d_unfold(x, weight, bias, stride=self.stride, padding=self.padding)
+        conv = conv2d_unfold if self.impl == "unfold" else conv2d_slices
+        return conv(x, weight, bias, stride=self.stride, padding=self.padding)
+
+
+# a network's choice: every convolution one way, or only the first layer (``-first``;
+# with one input channel, vmap's grouped convolution is a depthwise one) and the rest native
+CONV_CHOICES = (*CONV_IMPLS, "unfold-first", "slices-first")
 
 
 def set_conv_impl(model: nn.Module, impl: str) -> nn.Module:
-    """Compute every ``Conv2d`` of ``model`` with ``impl`` (one of ``CONV_IMPLS``)."""
-    if impl not in CONV_IMPLS:
-        raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
+    """Compute every ``Conv2d`` of ``model`` with ``impl`` (one of ``CONV_IMPLS``), or only
+    the first with ``"unfold-first"`` / ``"slices-first"`` and the others natively."""
+    if impl not in CONV_CHOICES:
+        raise ValueError(f"conv impl must be one of {CONV_CHOICES}, got {impl!r}")
+    first = impl.endswith("-first")
+    impl = impl.removesuffix("-first")
     convs = [m for m in model.modules() if isinstance(m, Conv2d)]
-    for m in convs if impl == "unfold" else []:
+    chosen = convs[:1] if first else convs
+    for m in chosen if impl != "native" else []:
         plain = m.groups == 1 and m.dilation == (1, 1) and m.padding_mode == "zeros"
         if not plain or isinstance(m.padding, str):
-            raise ValueError(f"the unfold convolution has no groups or dilation: {m}")
+            raise ValueError(f"the {impl} convolution has no groups or dilation: {m}")
     for m in convs:
-        m.impl = impl
+        m.impl = impl if m in chosen else "native"
     return model
 
 

@@ -33,6 +33,7 @@ from .data import make_task_families
 from .data.omniglot import _writable
 from .evaluate import evaluate
 from .malloc import keep_freed_memory
+from .models import set_conv_impl
 
 # Fixed offsets separate the random streams derived from one seed.
 TASK_STREAM, VAL_STREAM, TEST_STREAM = 1_000_003, 2_000_003, 3_000_017
@@ -320,6 +321,7 @@ def _train(
     families, split_info = make_task_families(cfg, progress=progress)
     model_gen = torch.Generator().manual_seed(cfg.seed)
     model = families["train"].make_model(model_gen).to(device=device, dtype=dtype)
+    set_conv_impl(model, cfg.conv)
     # CUDA graph replay where it applies; torch.compile when asked, or (auto) where it pays
     # over the schedule (the whole of it: a resumed run chooses as the uninterrupted one)
     compile_mode = cfg.compile
@@ -561,6 +563,7 @@ def _train(
             "fallback": meta_step.compile_error,
             "solve_piece": meta_step.solve_piece,
             "query_per_task": meta_step.query_per_task,
+            "options": meta_step.compile_options,
         },
         "hvp_mode": getattr(alg, "hvp_mode", None),
         "best": best,
@@ -615,7 +618,7 @@ def evaluate_run(
     families, _ = make_task_families(cfg, progress=progress)
     if families.get(split) is None:
         raise ValueError(f"this run has no {split!r} split")
-    model = families["train"].make_model().to(device=device, dtype=dtype)
+    model = set_conv_impl(families["train"].make_model(), cfg.conv).to(device=device, dtype=dtype)
     params = {k: v.to(device=device, dtype=dtype) for k, v in ckpt["params"].items()}
     alg = make_algorithm(
         cfg.algo, model=model, loss=families["train"].loss, **cfg.algorithm_kwargs()

@@ -1,0 +1,29 @@
+"""``imaml train`` with the CUDA pieces' defaults set to a compiled variant's settings.
+
+benchmarks/gpu_check.sh's ``race`` stage times compiled variants of the meta-step
+(``gpu_step.py --compile-variant``) and writes the fastest to a JSON file (``mode``:
+``pieces`` or ``pieces-solve``, ``conv``, ``inductor_options``). This runs ``imaml train``
+as it would run if those were the defaults: ``imaml.cuda_graph.SOLVE_PIECE["cuda"]`` and
+``CUDA_PIECES_OPTIONS`` are set from the file, and ``--conv`` is added to the arguments.
+The run's summary records what it used (``compile.solve_piece``, ``compile.options``,
+config.json's ``conv``).
+
+    python benchmarks/train_as_winner.py WINNER.json train --preset omniglot-5w1s ...
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import imaml.cuda_graph as cg
+from imaml.cli import main
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    winner = json.loads(open(sys.argv[1]).read())
+    cg.SOLVE_PIECE["cuda"] = winner["mode"] == "pieces-solve"
+    cg.CUDA_PIECES_OPTIONS.update(winner["inductor_options"])
+    print(f"training as {winner['variant']} with {winner['conv']} convolutions", flush=True)
+    sys.exit(main([*sys.argv[2:], "--conv", winner["conv"]]))
