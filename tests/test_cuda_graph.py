@@ -194,6 +194,25 @@ def test_compiled_step_in_a_graph_equals_eager_in_float64(compile, solve_piece):
 
 
 @cuda
+def test_cuda_pieces_compile_with_the_cuda_options(monkeypatch):
+    """On CUDA the pieces compile with ``CUDA_PIECES_OPTIONS``; the whole step with
+    inductor's own."""
+    from imaml import cuda_graph
+
+    seen, real = [], torch.compile
+    monkeypatch.setattr(
+        torch, "compile", lambda f, **kw: seen.append(kw["options"]) or real(f, **kw)
+    )
+    alg = make_algorithm("imaml", model=conv_setup(device="cuda")[0])
+    step = MetaStep(alg, compile="pieces")
+    assert step.solve_piece and step.query_per_task is None
+    assert seen and all(o == cuda_graph.CUDA_PIECES_OPTIONS for o in seen)
+    seen.clear()
+    MetaStep(alg, compile="step")
+    assert seen == [None]
+
+
+@cuda
 @pytest.mark.parametrize("solve_piece", [False, True], ids=["matvec", "solve-piece"])
 def test_piecewise_step_in_a_graph_equals_the_vmap_path(solve_piece):
     """The piecewise step (uncompiled pieces) captured as a CUDA graph, fresh inputs."""

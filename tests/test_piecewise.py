@@ -280,6 +280,18 @@ def test_cpu_pieces_compile_with_our_inductor_options(monkeypatch):
     assert seen == [cuda_graph.CPU_PIECES_OPTIONS] * 3  # inner step, linearisation, matvec
 
 
+def test_cuda_pieces_default_to_the_solve_piece_without_persistent_reductions():
+    """On CUDA the pieces compile the solve as one piece, with persistent reductions off
+    (Triton failed to compile the piece's fused MINRES update with them, H200 2026-11-27);
+    inductor accepts the option (an unknown one fails: above)."""
+    from imaml import cuda_graph
+
+    assert cuda_graph.SOLVE_PIECE == {"cpu": True, "cuda": True}
+    assert cuda_graph.CUDA_PIECES_OPTIONS == {"triton.persistent_reductions": False}
+    f = torch.compile(lambda x: (x * x).sum(), options=cuda_graph.CUDA_PIECES_OPTIONS)
+    assert f(torch.arange(4.0)).item() == 14.0
+
+
 def test_query_per_task_default_by_device_network_and_path():
     """``query_per_task="auto"``: QUERY_PER_TASK[device type] for a convolutional network on
     the solve path, else never; an explicit value is kept, and needs compile='pieces'."""

@@ -26,15 +26,18 @@ benchmarks/cpu_variants.py); a new batch shape compiles again. It is exact in fl
 of ``IMAML.meta_grad_piecewise`` instead, one inner step, the query gradient and one
 Hessian-vector product, each once, and runs the inner and solver loops over them: about
 80 s to compile on 2 CPU cores or on the H200, exact in float64 (tests/test_piecewise.py).
-On the CPU they compile with ``CPU_PIECES_OPTIONS`` (no channels-last layouts; see there);
-``compile_options`` replaces those with inductor options of one's own. On the CPU the
-whole linear solve is a piece of its own instead of the product (``SOLVE_PIECE``: ~8%
-less time per step on the CPU, ~170 s to compile); ``solve_piece`` chooses either way.
-There, too, a convolutional network's query gradient runs task by task for tasks of at
-least ``QUERY_PER_TASK`` query examples (``query_per_task``: an integer, None for never,
+On the CPU they compile with ``CPU_PIECES_OPTIONS`` (no channels-last layouts; see there),
+on CUDA with ``CUDA_PIECES_OPTIONS`` (no persistent reductions, which Triton failed to
+compile in the solve piece); ``compile_options`` replaces those with inductor options of
+one's own. By default (``SOLVE_PIECE``) the whole linear solve is a piece of its own
+instead of the product: the support gradient is linearised once per task rather than
+recomputed at every solver step (~8% less time per step on the CPU, ~170 s to compile;
+on an H200 15.2–15.3 against 15.6 ms); ``solve_piece`` chooses either way. On the CPU a
+convolutional network's query gradient runs task by task for tasks of at least
+``QUERY_PER_TASK`` query examples (``query_per_task``: an integer, None for never,
 "auto" for that default).
 On CUDA either compiled step is what the graph captures; compiled pieces in the graph
-measured 15.7–17.6 ms per omniglot-5w1s meta-step on an H200, against 32 ms for the eager
+measured 15.2–17.6 ms per omniglot-5w1s meta-step on an H200, against 32 ms for the eager
 graph (benchmarks/gpu_step.py).
 
 ``auto_compile`` is what ``--compile auto`` (training's default) picks: the pieces for
@@ -76,19 +79,22 @@ AUTO_COMPILE_MIN_STEPS = {"cuda": 5000, "cpu": 1000}
 # ~100 ms. Plain NCHW took 4-9% less time per step at the peer setting and 8-16% less at
 # the preset's (docs/benchmarks/cpu_pieces_layout{,_q1}.json and ad hoc pairs).
 CPU_PIECES_OPTIONS = {"layout_optimization": False}
-# inductor options for compile="pieces" on CUDA: inductor's own
-CUDA_PIECES_OPTIONS: dict = {}
+# inductor options for compile="pieces" on CUDA: no persistent reductions. With them Triton
+# (3.6, PyTorch 2.11) failed to compile the solve piece's fused MINRES update, a persistent
+# reduction ("PassManager::run failed" in make_ttgir); with them off it compiles (in ~20 s
+# more), and turning off inductor's mix-order reductions instead did not help (H200,
+# 2026-11-27, docs/benchmarks/gpu/race_*_h200)
+CUDA_PIECES_OPTIONS = {"triton.persistent_reductions": False}
 # compile="pieces" on the CPU compiles the linear solve as one piece (IMAML.pieces'
 # solve_piece): the support gradient linearised once per task instead of recomputed at
 # each solver step. Interleaved in one process (2026-11-27, 2 cores, freed memory kept):
 # 0.786 against 0.859 s per step at omniglot-5w1s, 1.105 against 1.193 s at the peer
 # setting, for 170 instead of 52-62 s of compilation (docs/benchmarks/cpu_pieces_solve*).
-# Not on CUDA: on an H200 (PyTorch 2.11, Triton 3.6; 2026-11-27) Triton failed to compile
-# one of the solve piece's kernels (the fused MINRES update: "PassManager::run failed" in
-# make_ttgir), so the pieces keep one compiled product per solver step there
-# (docs/benchmarks/gpu/gpu_step_solve_fwd_h200.json; the fallback then cost a training run
-# its ~80 s of compilation).
-SOLVE_PIECE = {"cpu": True, "cuda": False}
+# On CUDA too, with CUDA_PIECES_OPTIONS (Triton failed to compile the piece with inductor's
+# defaults): on an H200 the omniglot-5w1s meta-step took 15.2 and 15.3 ms against 15.6 ms
+# with one compiled product per solver step (two processes, 2026-11-27), and training
+# 15.1 ms per step against 15.9 (docs/benchmarks/gpu/race_*_h200*, run_h200_solve_*).
+SOLVE_PIECE = {"cpu": True, "cuda": True}
 # on the solve path, the query gradient of a convolutional network runs task by task (a
 # one-task compiled program called per task, IMAML.pieces' query_per_task) from this many
 # query examples per task on, per device type. Under vmap each convolution is one grouped

@@ -93,7 +93,9 @@ def conv2d_slices(x: Tensor, weight: Tensor, bias: Tensor | None, *, stride, pad
     else:
         out = torch.matmul(cols, w2d.t())  # N·Ho·Wo, O
     out = out.view(n, ho, wo, o).permute(0, 3, 1, 2)
-    return out if bias is None else out + bias.view(1, o, 1, 1)
+    # NCHW in memory: cuDNN's batch norm clones a channels-last input as channels-last,
+    # which vmap does not support (torch 2.11, CUDA)
+    return (out if bias is None else out + bias.view(1, o, 1, 1)).contiguous()
 
 
 class Conv2d(nn.Conv2d):
