@@ -27,22 +27,31 @@
 # 354 s on an H200 on 2026-11-27: tests 54 s, compile stage 93 s, training 150 s):
 #   STAGES="device tests compile train" COMPILE_S=300 TRAIN_ARGS="--compile pieces" \
 #   bash benchmarks/gpu_check.sh 150
-# or, NEXT (the fifth loan, two calls of the device tool, the second at once so that the
-# machine and inductor's cache stay warm): the race (stage race; RACE lists the compiled
-# variants as gpu_step.py --compile-variant MODE:CONV[:OPTIONS]). Its default six: the
-# product pieces with native convolutions (the CUDA default, 15.7 ms on an H200), with
-# im2col from strided slices (--conv slices: no cuDNN transposes, which were ~27% of the
-# step's kernel time) and with slices in the first layer only (its depthwise kernels were
-# ~13%); and the solve piece (the gradient linearised once per task instead of recomputed
-# at each of the 5 products) with native convolutions and inductor's persistent or its
-# mix-order reductions off (Triton failed on the fused MINRES update's persistent
-# reduction in the fourth loan), and with slices and both off. Phase 1 compiles them all
-# at once beside the CUDA tests; phase 2 times those that compiled in one process:
+# or the race (stage race; RACE lists compiled variants as gpu_step.py --compile-variant
+# MODE:CONV[:OPTIONS]): phase 1 compiles them all at once, each in its own process, beside
+# the CUDA tests (RACE_TESTS=0: without them); phase 2 times those that compiled, one after
+# another in one process from inductor's cache; the fastest goes to $WINNER
+# (/tmp/imaml-race-winner.json) and $OUT/winner.json. Its default six: the product pieces
+# with native convolutions, --conv slices and slices-first; the solve piece with native
+# convolutions and inductor's persistent or mix-order reductions off, and with slices and
+# both off. Run on an H200 on 2026-11-27 (the fifth loan; 240 s; race1_*_h200):
 #   STAGES="device race" bash benchmarks/gpu_check.sh
-# then the paper's whole 20,000-step schedule and its 600-task test evaluation with the
-# fastest variant as if it were the defaults (benchmarks/train_as_winner.py), its pieces
-# from the race's cache:
-#   STAGES="device train" WINNER=/tmp/imaml-race-winner.json bash benchmarks/gpu_check.sh 420
+# then, at once on the same machine (its inductor cache warm), the variants a fix had let
+# through and 248 s of training as the fastest (train_as_winner.py; race2_*_h200,
+# run_h200_solve_*; 522 s in all):
+#   S=$(date +%s); RACE="pieces:slices pieces-solve:slices:triton.persistent_reductions=False \
+#   pieces:slices-first pieces-solve:native:triton.persistent_reductions=False" \
+#   RACE_COMPILE_S=150 RACE_TIME_S=90 RACE_TESTS=0 STAGES=race bash benchmarks/gpu_check.sh; \
+#   E=$(( $(date +%s) - S )); IMAML_DATA_DIR=$PWD/runs/data STAGES=train \
+#   WINNER=/tmp/imaml-race-winner.json bash benchmarks/gpu_check.sh $(( 470 - E ))
+# The solve piece with persistent reductions off won (15.2-15.3 against 15.6 ms; now the
+# CUDA default); slices were slower (20.0 and 18.4 ms).
+# NEXT: slices with TF32 matrix products (as cuDNN's convolutions use), the CUDA tests
+# (the slices fix), and the whole 20,000-step schedule with the defaults:
+#   S=$(date +%s); RACE="pieces-solve:native pieces-solve:slices-tf32 pieces:slices-tf32 \
+#   pieces-solve:slices-first-tf32" RACE_COMPILE_S=200 RACE_TIME_S=90 \
+#   STAGES="device race" bash benchmarks/gpu_check.sh
+#   STAGES="device train" bash benchmarks/gpu_check.sh 420
 # Run on an H200 on 2026-11-27 (the fourth loan; solve_check_log_h200.txt): the solver as
 # one compiled piece (the CPU's default) with forward-over-reverse products, a training
 # run with the defaults of the time, then channels-last convolutions with the product

@@ -16,7 +16,7 @@ float32), ``unfold-tf32`` (the same with TF32 matrix products, as cuDNN's convol
 use TF32 by default), ``unfold-first`` (only the first layer unfolded: with one input
 channel, vmap's grouped convolution is a depthwise one); for the compiled variants also
 ``slices`` and ``slices-first`` (im2col from strided slices, which inductor fuses;
-``imaml.models.conv2d_slices``). The loop and the eager per-tensor vmap run with
+``imaml.models.conv2d_slices``), each also with ``-tf32`` (TF32 matrix products). The loop and the eager per-tensor vmap run with
 ``native`` only.
 
 Times are medians over ``--repeats`` calls, each bracketed by synchronisations; memory is
@@ -68,7 +68,7 @@ from common import OUT, machine, timeit
 CONVS = ("native", "unfold", "unfold-tf32", "unfold-first")
 # im2col from strided slices (imaml.models.conv2d_slices), all layers or the first: for the
 # compiled variants (--compile-conv), where inductor fuses the slices
-COMPILE_CONVS = (*CONVS, "slices", "slices-first")
+COMPILE_CONVS = (*CONVS, "slices", "slices-first", "slices-tf32", "slices-first-tf32")
 
 
 def batch_of(tasks: int, queries: int, device, g) -> TaskBatch:
@@ -85,8 +85,8 @@ def use_conv(model: OmniglotConvNet, name: str) -> None:
     # touched only when it must change: setting it at all (even to its default, False)
     # changes inductor's cache key, and imaml train's pieces would then compile again
     # instead of coming from this benchmark's cache
-    if torch.backends.cuda.matmul.allow_tf32 != (name == "unfold-tf32"):
-        torch.backends.cuda.matmul.allow_tf32 = name == "unfold-tf32"
+    if torch.backends.cuda.matmul.allow_tf32 != name.endswith("-tf32"):
+        torch.backends.cuda.matmul.allow_tf32 = name.endswith("-tf32")
 
 
 def fastest_conv(path: pathlib.Path) -> str:

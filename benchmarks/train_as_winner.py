@@ -5,8 +5,10 @@ benchmarks/gpu_check.sh's ``race`` stage times compiled variants of the meta-ste
 ``pieces`` or ``pieces-solve``, ``conv``, ``inductor_options``). This runs ``imaml train``
 as it would run if those were the defaults: ``imaml.cuda_graph.SOLVE_PIECE["cuda"]`` and
 ``CUDA_PIECES_OPTIONS`` are set from the file, and ``--conv`` is added to the arguments.
-The run's summary records what it used (``compile.solve_piece``, ``compile.options``,
-config.json's ``conv``).
+A convolution choice ending in ``-tf32`` (gpu_step.py's) also turns on TF32 matrix
+products (``torch.backends.cuda.matmul.allow_tf32``), as the benchmark did. The run's
+summary records what it used (``compile.solve_piece``, ``compile.options``, config.json's
+``conv``).
 
     python benchmarks/train_as_winner.py WINNER.json train --preset omniglot-5w1s ...
 """
@@ -25,5 +27,10 @@ if __name__ == "__main__":
     winner = json.loads(open(sys.argv[1]).read())
     cg.SOLVE_PIECE["cuda"] = winner["mode"] == "pieces-solve"
     cg.CUDA_PIECES_OPTIONS.update(winner["inductor_options"])
-    print(f"training as {winner['variant']} with {winner['conv']} convolutions", flush=True)
-    sys.exit(main([*sys.argv[2:], "--conv", winner["conv"]]))
+    conv = winner["conv"]
+    if conv.endswith("-tf32"):
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = True
+    print(f"training as {winner['variant']} with {conv} convolutions", flush=True)
+    sys.exit(main([*sys.argv[2:], "--conv", conv.removesuffix("-tf32")]))
