@@ -16,8 +16,8 @@ float32), ``unfold-tf32`` (the same with TF32 matrix products, as cuDNN's convol
 use TF32 by default), ``unfold-first`` (only the first layer unfolded: with one input
 channel, vmap's grouped convolution is a depthwise one); for the compiled variants also
 ``slices`` and ``slices-first`` (im2col from strided slices, which inductor fuses;
-``imaml.models.conv2d_slices``), each also with ``-tf32`` (TF32 matrix products). The loop and the eager per-tensor vmap run with
-``native`` only.
+``imaml.models.conv2d_slices``), each also with ``-tf32`` (TF32 matrix products). The
+loop and the eager per-tensor vmap run with ``native`` only.
 
 Times are medians over ``--repeats`` calls, each bracketed by synchronisations; memory is
 ``torch.cuda.max_memory_allocated`` for the call. Random images (the timing does not
@@ -39,6 +39,10 @@ eager). Two uncompiled rows come first, for comparison on the same machine: ``gr
 (the eager vmap step) and ``graph-pieces`` (the piecewise step uncompiled: its cost of
 recomputing the gradient at every Hessian-vector product). Each row records
 ``rel_to_graph``, its meta-gradient's relative distance from the ``graph`` row's.
+``--compile-variant MODE:CONV[:OPTIONS]...`` adds compiled steps each with its own mode,
+convolutions and inductor options (alone, only those; the ``graph`` and ``graph-pieces``
+rows come once per convolution choice; ``--no-reference`` skips them, ``--graph-only``
+skips the rows without the graph): benchmarks/gpu_check.sh's race stage.
 Writes gpu_step_compiled.json.
 
     python benchmarks/gpu_step.py [--repeats 20] [--out docs/benchmarks/gpu] [--compile pieces]

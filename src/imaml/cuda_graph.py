@@ -81,9 +81,9 @@ AUTO_COMPILE_MIN_STEPS = {"cuda": 5000, "cpu": 1000}
 CPU_PIECES_OPTIONS = {"layout_optimization": False}
 # inductor options for compile="pieces" on CUDA: no persistent reductions. With them Triton
 # (3.6, PyTorch 2.11) failed to compile the solve piece's fused MINRES update, a persistent
-# reduction ("PassManager::run failed" in make_ttgir); with them off it compiles (in ~20 s
-# more), and turning off inductor's mix-order reductions instead did not help (H200,
-# 2026-11-27, docs/benchmarks/gpu/race_*_h200)
+# reduction ("PassManager::run failed" in make_ttgir); with them off it compiles, and
+# turning off inductor's mix-order reductions instead did not help (H200, 2026-11-27,
+# docs/benchmarks/gpu/race1_*_h200)
 CUDA_PIECES_OPTIONS = {"triton.persistent_reductions": False}
 # compile="pieces" on the CPU compiles the linear solve as one piece (IMAML.pieces'
 # solve_piece): the support gradient linearised once per task instead of recomputed at
@@ -93,7 +93,7 @@ CUDA_PIECES_OPTIONS = {"triton.persistent_reductions": False}
 # On CUDA too, with CUDA_PIECES_OPTIONS (Triton failed to compile the piece with inductor's
 # defaults): on an H200 the omniglot-5w1s meta-step took 15.2 and 15.3 ms against 15.6 ms
 # with one compiled product per solver step (two processes, 2026-11-27), and training
-# 15.1 ms per step against 15.9 (docs/benchmarks/gpu/race_*_h200*, run_h200_solve_*).
+# 15.1 ms per step against 15.9 (docs/benchmarks/gpu/race{1,2}_*_h200*, run_h200_solve_*).
 SOLVE_PIECE = {"cpu": True, "cuda": True}
 # on the solve path, the query gradient of a convolutional network runs task by task (a
 # one-task compiled program called per task, IMAML.pieces' query_per_task) from this many
@@ -226,7 +226,7 @@ class MetaStep:
             )
         self.alg = alg
         kind = next(alg.model.parameters()).device.type
-        if compile_options is None:  # ours for the pieces: CPU_PIECES_OPTIONS, CUDA_PIECES_OPTIONS
+        if compile_options is None:  # ours for the pieces: {CPU,CUDA}_PIECES_OPTIONS
             ours = {"cpu": CPU_PIECES_OPTIONS, "cuda": CUDA_PIECES_OPTIONS}
             compile_options = ours.get(kind, {}) if self.compile == "pieces" else {}
         # the solver as one piece: the default for the pieces per device type (SOLVE_PIECE)
