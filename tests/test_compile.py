@@ -226,6 +226,7 @@ def test_training_defaults_to_compile_auto_off_for_a_short_schedule(tmp_path):
     assert cfg.compile == "auto"
     s = meta_train(cfg, tmp_path / "r", progress=False, final_test=False)
     off = {"mode": "off", "fallback": None, "solve_piece": False, "query_per_task": None}
+    off["options"] = {}
     assert s["compile"] == off
     assert load_checkpoint(tmp_path / "r" / "last.pt")["config"]["compile"] == "auto"
 
@@ -241,6 +242,7 @@ def test_compile_auto_chooses_by_the_whole_schedule_so_resume_is_exact(tmp_path,
     s = tr.meta_train(cfg, tmp_path / "a", progress=False, final_test=False, max_steps_this_run=3)
     # the sinusoid MLP: the solve piece (the CPU's default), its query gradient under vmap
     pieces = {"mode": "pieces", "fallback": None, "solve_piece": True, "query_per_task": None}
+    pieces["options"] = {"layout_optimization": False}  # CPU_PIECES_OPTIONS
     assert s["compile"] == pieces
     tr.meta_train(cfg, tmp_path / "b", progress=False, final_test=False, max_steps_this_run=2)
     s = tr.meta_train(
