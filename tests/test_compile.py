@@ -196,7 +196,7 @@ def test_training_resolves_hvp_mode_auto_by_the_step_it_runs(tmp_path, monkeypat
 def test_a_failed_compile_with_fallback_warns_once_and_runs_uncompiled(monkeypatch):
     model, theta, batch = _setup(torch.float64)
     alg = make_algorithm("imaml", model=model, loss="mse", inner_steps=2, cg_steps=2)
-    step = MetaStep(alg, compile="pieces", fallback=True)
+    step = MetaStep(alg, compile="pieces", fallback=True, solve_piece=False)
 
     def broken(params, batch):
         raise torch._dynamo.exc.TorchDynamoException("no working C++ compiler found")
@@ -213,10 +213,53 @@ def test_a_failed_compile_with_fallback_warns_once_and_runs_uncompiled(monkeypat
         warnings.simplefilter("error")  # once only
         step(theta, batch)
     # an error that is not a failed compilation is not absorbed
-    step2 = MetaStep(alg, compile="pieces", fallback=True)
+    step2 = MetaStep(alg, compile="pieces", fallback=True, solve_piece=False)
     monkeypatch.setattr(step2, "step", lambda p, b: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         step2(theta, batch)
+
+
+@pytest.mark.parametrize("product_fails", [False, True])
+def test_a_default_solve_piece_that_fails_falls_back_to_the_product_pieces(
+    monkeypatch, product_fails
+):
+    """Triton once failed on the solve piece alone (CUDA, fourth loan): with fallback, a
+    default solve piece that fails to compile gives way to one compiled product per solver
+    step, and only if that fails too to the uncompiled step. The pieces are left
+    uncompiled here (compiling takes minutes on 2 cores); what fails is made to."""
+    model, theta, batch = _setup(torch.float64)
+    alg = make_algorithm("imaml", model=model, loss="mse", inner_steps=2, cg_steps=2)
+    real = type(alg).pieces
+    made = []
+
+    def pieces(wrap, *, solve_piece, query_per_task):
+        made.append(solve_piece)
+        out = real(alg, solve_piece=solve_piece, query_per_task=query_per_task)
+        if solve_piece or product_fails:
+
+            def broken(*a):
+                raise torch._dynamo.exc.TorchDynamoException("PassManager::run failed")
+
+            field = "solve" if solve_piece else "matvec"
+            out = out._replace(**{field: broken})
+        return out
+
+    monkeypatch.setattr(alg, "pieces", pieces)
+    step = MetaStep(alg, compile="pieces", fallback=True)
+    assert step.solve_piece and made == [True]
+    with pytest.warns(RuntimeWarning, match="with the solve piece.*one Hessian-vector product"):
+        g, _ = step(theta, batch)
+    assert made == [True, False] and step.solve_piece is False
+    assert "PassManager::run failed" in step.compile_error
+    assert step.compile == ("off" if product_fails else "pieces")
+    want, _ = alg.meta_grad_tensors(theta, batch)
+    assert rel(g, want) < 1e-12
+    # asked for by name, the solve piece does not fall back to the product
+    made.clear()
+    named = MetaStep(alg, compile="pieces", fallback=True, solve_piece=True)
+    with pytest.warns(RuntimeWarning, match="running it uncompiled"):
+        named(theta, batch)
+    assert made == [True] and named.compile == "off"
 
 
 def test_training_defaults_to_compile_auto_off_for_a_short_schedule(tmp_path):
@@ -322,8 +365,9 @@ def test_under_fallback_a_compiled_step_the_graph_cannot_capture_is_captured_unc
 
 
 def test_cli_compile_auto_without_a_compiler_warns_in_one_line_and_trains(tmp_path):
-    """The default on a long schedule, on a machine without a working C++ compiler: one
-    warning line, training goes on uncompiled, and the summary says so."""
+    """The default on a long schedule, on a machine without a working C++ compiler: a
+    warning line per attempt (the solve piece, then the product pieces), training goes on
+    uncompiled, and the summary says so."""
     import os
     import subprocess
     import sys
@@ -337,7 +381,8 @@ def test_cli_compile_auto_without_a_compiler_warns_in_one_line_and_trains(tmp_pa
     )
     assert out.returncode == 0, out.stderr
     warned = [x for x in out.stderr.splitlines() if x.startswith("imaml: warning:")]
-    assert len(warned) == 1 and "running it uncompiled (--compile off" in warned[0]
+    assert len(warned) == 2 and "compiling one Hessian-vector product" in warned[0]
+    assert "running it uncompiled (--compile off" in warned[1]
     assert "Traceback" not in out.stderr
     assert "uncompiled after torch.compile pieces failed" in out.stdout
     assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] >= 1

@@ -44,13 +44,15 @@ graph (benchmarks/gpu_step.py).
 schedules long enough to repay their compilation, nothing otherwise. With
 ``fallback=True`` (what ``auto`` uses) a compilation that fails (no Triton, no C++
 compiler), or a graph capture of the compiled step that fails, is a warning and the step
-runs uncompiled, in the graph where it applies (``compile_error`` keeps the reason); a mode
-asked for explicitly fails loudly instead.
+runs uncompiled, in the graph where it applies (``compile_error`` keeps the reason); a
+default solve piece that fails first falls back to the compiled product pieces, and only
+if those fail too to the uncompiled step. A mode asked for explicitly fails loudly instead.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -229,7 +231,9 @@ class MetaStep:
         if compile_options is None:  # ours for the pieces: {CPU,CUDA}_PIECES_OPTIONS
             ours = {"cpu": CPU_PIECES_OPTIONS, "cuda": CUDA_PIECES_OPTIONS}
             compile_options = ours.get(kind, {}) if self.compile == "pieces" else {}
-        # the solver as one piece: the default for the pieces per device type (SOLVE_PIECE)
+        # the solver as one piece: the default for the pieces per device type (SOLVE_PIECE);
+        # a default one that fails to compile falls back to the product piece (fallback)
+        self._solve_piece_chosen = solve_piece is not None or query_per_task not in ("auto", None)
         if solve_piece is None:
             solve_piece = self.compile == "pieces" and SOLVE_PIECE.get(kind, False)
         self.solve_piece = solve_piece
@@ -248,13 +252,11 @@ class MetaStep:
         # static shapes: one specialised program per batch shape, as the graphs
         options = self.compile_options or None
         wrap = lambda f: torch.compile(f, dynamic=False, options=options)
+        self._wrap = wrap
         if self.compile == "pieces":
             if (why := piecewise_unsupported(alg, algo=alg.name)) is not None:
                 raise ValueError(f"compile='pieces' does not support {why}; use compile='step'")
-            pieces = alg.pieces(
-                wrap, solve_piece=self.solve_piece, query_per_task=self.query_per_task
-            )
-            self.step = lambda params, batch: alg.meta_grad_piecewise(params, batch, pieces)
+            self.step = self._piecewise_step()
         elif self.compile == "step":
             self.step = wrap(alg.meta_grad_tensors)
         else:
@@ -268,15 +270,36 @@ class MetaStep:
         self.compile_fallback = fallback  # a failed compilation: warn, run uncompiled
         self.compile_error: str | None = None
 
+    def _piecewise_step(self) -> Callable:
+        alg = self.alg
+        pieces = alg.pieces(
+            self._wrap, solve_piece=self.solve_piece, query_per_task=self.query_per_task
+        )
+        return lambda params, batch: alg.meta_grad_piecewise(params, batch, pieces)
+
     def _compile_failed(self, e: Exception, *, in_capture: bool = False) -> bool:
         """Whether ``e`` is a failure of the compiled step that ``fallback`` absorbs (a failed
         compilation; in a CUDA-graph capture, any failure: the uncompiled graph is faster
-        than compiled pieces run eager); if so the step runs uncompiled from now on."""
+        than compiled pieces run eager). If so, compiled pieces whose solve piece was the
+        default (``SOLVE_PIECE``) fall back to one compiled product per solver step (Triton
+        failed on the solve piece alone before, fourth loan), and otherwise the step runs
+        uncompiled from now on."""
         dynamo = isinstance(e, torch._dynamo.exc.TorchDynamoException)
         if not (self.compile_fallback and self.compile != "off" and (dynamo or in_capture)):
             return False
         self.compile_error = _one_line(e)
         what = "torch.compile" if dynamo else "CUDA graph capture of the torch.compile"
+        if self.compile == "pieces" and self.solve_piece and not self._solve_piece_chosen:
+            warnings.warn(
+                f"{what} (pieces) of the meta-step failed with the solve piece "
+                f"({self.compile_error}); compiling one Hessian-vector product per solver "
+                "step instead",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self.solve_piece, self.query_per_task = False, None
+            self.step = self._piecewise_step()
+            return True
         warnings.warn(
             f"{what} ({self.compile}) of the meta-step failed ({self.compile_error}); "
             "running it uncompiled (--compile off skips the attempt)",
@@ -329,11 +352,12 @@ class MetaStep:
 
     def _step(self, params: Params, batch: TaskBatch):
         """The step without a graph (compiled when ``compile``)."""
-        try:
-            return self.step(params, batch)
-        except torch._dynamo.exc.TorchDynamoException as e:  # e.g. no C++ compiler / Triton
-            if self._compile_failed(e):
+        while True:  # each absorbed failure falls back one step: solve piece, product, off
+            try:
                 return self.step(params, batch)
-            raise ValueError(  # the CLI reports it in one line (exit 2)
-                f"torch.compile of the meta-step failed ({_one_line(e)}); run without --compile"
-            ) from e
+            except torch._dynamo.exc.TorchDynamoException as e:  # no C++ compiler / Triton
+                if not self._compile_failed(e):
+                    raise ValueError(  # the CLI reports it in one line (exit 2)
+                        f"torch.compile of the meta-step failed ({_one_line(e)}); "
+                        "run without --compile"
+                    ) from e
