@@ -37,6 +37,13 @@ SINUSOID = [
 ]
 
 
+def failure(proc) -> str:
+    """What a failed run printed: its stderr's start (where a rank's own error lands) and
+    end (torchrun's summary of which rank failed how)."""
+    err = proc.stderr
+    return err if len(err) <= 6000 else f"{err[:4000]}\n[...]\n{err[-2000:]}"
+
+
 def run(argv, *, procs, timeout=180):
     cmd = (TORCHRUN if procs == 2 else [sys.executable]) + ["-m", "imaml", "train", *argv]
     return subprocess.run(
@@ -69,7 +76,7 @@ def test_shards_cover_the_batch_in_order():
 def test_two_processes_equal_one_on_sinusoid_with_an_uneven_split(tmp_path):
     one = run(SINUSOID + ["--meta-steps", "6", "--out", str(tmp_path / "one")], procs=1)
     two = run(SINUSOID + ["--meta-steps", "6", "--out", str(tmp_path / "two")], procs=2)
-    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert one.returncode == 0 and two.returncode == 0, failure(two)
     assert close(params(tmp_path / "one"), params(tmp_path / "two"))
     strip = lambda p: [
         {k: v for k, v in json.loads(x).items() if k != "step_time"}
@@ -107,7 +114,7 @@ def test_a_distributed_run_resumes_exactly(tmp_path):
         SINUSOID + ["--meta-steps", "6", "--out", str(tmp_path / "d"), "--no-test", "--resume"],
         procs=2,
     )
-    assert ref.returncode == a.returncode == b.returncode == 0, b.stderr[-2000:]
+    assert ref.returncode == a.returncode == b.returncode == 0, failure(b)
     assert close(params(tmp_path / "ref"), params(tmp_path / "d"))
 
 
@@ -170,7 +177,7 @@ def test_a_killed_rank_ends_the_job_and_it_resumes(tmp_path):
         ],
         procs=2,
     )
-    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.returncode == 0, failure(again)
     assert load_checkpoint(out / "last.pt")["step"] == step + 2
 
 
@@ -236,7 +243,7 @@ def test_two_processes_equal_one_on_omniglot(tmp_path):
     ]
     one = run(argv + ["--out", str(tmp_path / "one")], procs=1)
     two = run(argv + ["--out", str(tmp_path / "two")], procs=2)
-    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert one.returncode == 0 and two.returncode == 0, failure(two)
     assert close(params(tmp_path / "one"), params(tmp_path / "two"), tol=1e-10)
     assert torch.equal(
         load_checkpoint(tmp_path / "one" / "last.pt")["rng"]["tasks"],
