@@ -164,6 +164,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--compile",
         nargs="+",
+        default=[],
         choices=("pieces", "pieces-solve", "step"),
         help="only the torch.compile variants, in this order (pieces: one compiled "
         "Hessian-vector product per solver step; pieces-solve: the solve as one piece)",
@@ -210,8 +211,7 @@ def main(argv=None) -> int:
         help="time the compiled steps in the CUDA graph only, not also without it",
     )
     args = ap.parse_args(argv)
-    compiling = bool(args.compile or args.compile_variant)
-    args.compile = args.compile or []  # with --compile-variant alone: the variants alone
+    compiling = bool(args.compile or args.compile_variant)  # --compile-variant alone: those
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     g = torch.Generator().manual_seed(0)
     model = OmniglotConvNet(5, channels=args.channels, generator=g).to(device)

@@ -251,14 +251,13 @@ class MetaStep:
         self.compile_options = dict(compile_options)
         # static shapes: one specialised program per batch shape, as the graphs
         options = self.compile_options or None
-        wrap = lambda f: torch.compile(f, dynamic=False, options=options)
-        self._wrap = wrap
+        self._wrap = lambda f: torch.compile(f, dynamic=False, options=options)
         if self.compile == "pieces":
             if (why := piecewise_unsupported(alg, algo=alg.name)) is not None:
                 raise ValueError(f"compile='pieces' does not support {why}; use compile='step'")
             self.step = self._piecewise_step()
         elif self.compile == "step":
-            self.step = wrap(alg.meta_grad_tensors)
+            self.step = self._wrap(alg.meta_grad_tensors)
         else:
             self.step = alg.meta_grad_tensors
         self.mode = mode
