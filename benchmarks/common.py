@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import platform
 import resource
 import statistics
 import subprocess
@@ -42,13 +41,10 @@ def peak_rss_mib() -> float:
 
 
 def machine() -> dict:
-    return {
-        "torch": str(torch.__version__),
-        "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-    }
+    """The machine the results were measured on (``imaml.machine.machine_info``)."""
+    from imaml.machine import machine_info
+
+    return machine_info()
 
 
 def write(name: str, payload: dict, out: pathlib.Path = OUT) -> pathlib.Path:

@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/python -m ruff check src tests benchmarks
-.venv/bin/python -m pytest -q "$@"
+# two workers (pytest-xdist), one thread each (tests/conftest.py); IMAML_TEST_WORKERS=0: one process
+.venv/bin/python -m pytest -q -n "${IMAML_TEST_WORKERS:-2}" "$@"

@@ -4,7 +4,11 @@ from pathlib import Path
 import pytest
 import torch
 
-# Two cores: one process, its threads set deliberately (MEASURED.md: oversubscription is 50-100x slower).
+# Two cores, threads set deliberately (MEASURED.md: oversubscription is 50-100x slower):
+# one process with two threads, or, under pytest-xdist (scripts/test.sh runs two workers),
+# one thread per worker, and for the processes the tests start.
+if os.environ.get("PYTEST_XDIST_WORKER") and "IMAML_TEST_THREADS" not in os.environ:
+    os.environ["IMAML_TEST_THREADS"] = os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(int(os.environ.get("IMAML_TEST_THREADS", "2")))
 
 

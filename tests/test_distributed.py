@@ -100,8 +100,12 @@ def test_two_processes_equal_one_on_sinusoid_with_an_uneven_split(tmp_path):
         "eval.json",
         "last.pt",
         "learning_curve.png",
+        "machine.json",
         "metrics.jsonl",
     ]
+    runs = json.loads((tmp_path / "two" / "machine.json").read_text())["runs"]
+    assert [r["processes"] for r in runs] == [2]
+    assert e2["machine"]["processes"] == 2
     assert two.stdout.count("meta-steps in") == 1  # rank 0 alone reports
 
 

@@ -125,6 +125,7 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [
         "config.json",
         "last.pt",
+        "machine.json",
         "metrics.jsonl",
     ]
 

@@ -48,6 +48,7 @@ def test_training_writes_the_run_folder(tmp_path, algo):
         "best.pt",
         "learning_curve.png",
         "eval.json",
+        "machine.json",
     } <= names
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
@@ -75,6 +76,9 @@ def test_resume_gives_exactly_the_uninterrupted_parameters(tmp_path, algo):
         {k: v for k, v in json.loads(x).items() if k != "step_time"} for x in lines
     ]
     assert strip(la) == strip(lb)
+    runs = json.loads((tmp_path / "b" / "machine.json").read_text())["runs"]
+    assert [r["from_step"] for r in runs] == [0, 3, 5]
+    assert all(r["cpu_model"] and r["cpu_capability"] and r["processes"] == 1 for r in runs)
 
 
 def test_resume_can_extend_the_schedule(tmp_path):
@@ -83,6 +87,18 @@ def test_resume_can_extend_the_schedule(tmp_path):
         sinusoid(meta_steps=5), tmp_path / "r", resume=True, progress=False, final_test=False
     )
     assert s["step"] == 5
+
+
+def test_machine_record_keeps_one_entry_per_start_and_survives_a_broken_file(tmp_path):
+    from imaml.train import _record_machine
+
+    (tmp_path / "machine.json").write_text("{not json")
+    for step in (0, 40, 80, 40):  # the last: resumed from an earlier checkpoint
+        _record_machine(tmp_path, {"from_step": step, "cpu_model": f"cpu{step}"})
+    runs = json.loads((tmp_path / "machine.json").read_text())["runs"]
+    assert [r["from_step"] for r in runs] == [0, 40]
+    assert runs[-1]["cpu_model"] == "cpu40"
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_second_run_into_same_folder_refuses(tmp_path):
@@ -96,6 +112,7 @@ def test_evaluate_run_reports_mean_and_ci(tmp_path):
     r = evaluate_run(tmp_path / "r", tasks=12)
     assert r["tasks"] == 12 and r["ci95"] > 0 and r["mean"] > 0
     assert json.loads((tmp_path / "r" / "eval.json").read_text())["mean"] == r["mean"]
+    assert r["machine"]["cpu_model"] and r["machine"]["threads"] >= 1
     r0 = evaluate_run(tmp_path / "r", tasks=12, eval_inner_steps=0)
     assert r0["eval_inner"]["inner_steps"] == 0 and r0["mean"] != r["mean"]
 

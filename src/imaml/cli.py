@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Meta-train on a preset (default: omniglot-5w1s, the paper's iMAML-GD settings); any "
             "option below overrides the preset. Writes config.json, metrics.jsonl, last.pt, "
-            "best.pt and learning_curve.png into --out, then evaluates on the test split."
+            "best.pt, learning_curve.png and machine.json (what it ran on) into --out, then "
+            "evaluates on the test split (eval.json)."
         ),
     )
     t.add_argument("--preset", metavar="NAME", help=f"start from this preset: {', '.join(PRESETS)}")

@@ -32,6 +32,7 @@ from .cuda_graph import MetaStep, auto_compile, auto_hvp_mode
 from .data import make_task_families
 from .data.omniglot import _writable
 from .evaluate import evaluate
+from .machine import machine_info
 from .malloc import keep_freed_memory
 from .models import set_conv_impl
 
@@ -351,8 +352,10 @@ def _train(
         if d.main:
             _trim_metrics(out / "metrics.jsonl", step)
     rng_now = task_gen.get_state()  # the task sampler's state after the last step read
+    machine = {**machine_info(), "processes": d.world, "from_step": step}
     if d.main:  # rank 0 alone writes files
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        _record_machine(out, machine)
 
     def save(path: Path, kind: str) -> None:
         if d.main:
@@ -566,6 +569,7 @@ def _train(
             "options": meta_step.compile_options,
         },
         "hvp_mode": getattr(alg, "hvp_mode", None),
+        "machine": machine,
         "best": best,
         "out": str(out),
     }
@@ -580,6 +584,22 @@ def _train(
         d.barrier()  # best.pt is on disk for every rank
         summary["test"] = evaluate_run(out, progress=progress, shard=d)
     return summary
+
+
+def _record_machine(out: Path, machine: dict) -> None:
+    """Append this run's machine to the folder's machine.json (one entry per start or
+    resume, with the step it started from), written atomically."""
+    path = out / "machine.json"
+    runs = []
+    if path.exists():
+        try:
+            runs = json.loads(path.read_text())["runs"]
+        except (ValueError, KeyError, TypeError):
+            runs = []  # an unreadable record is replaced, never fatal to training
+    runs = [r for r in runs if r.get("from_step", 0) < machine["from_step"]] + [machine]
+    tmp = out / ".machine.json.tmp"
+    tmp.write_text(json.dumps({"runs": runs}, indent=1))
+    os.replace(tmp, path)
 
 
 def _inner_record(alg, params, overrides: dict) -> dict:
@@ -647,6 +667,7 @@ def evaluate_run(
         "eval_inner": _inner_record(alg, params, cfg.eval_overrides()),
         "seconds": time.perf_counter() - t0,
         "config": cfg.to_dict(),
+        "machine": {**machine_info(), "processes": 1 if shard is None else shard.world},
     }
     if not math.isfinite(result["mean"]):
         raise ValueError(f"evaluation of {path} gave a non-finite {res['metric']}")
