@@ -142,6 +142,8 @@ def main() -> int:
         "peers_pieces_solve",
         "peers_pieces_query",
         "peers_pieces_query_2",
+        "peers_amd_epyc",
+        "peers_amd_epyc_2",
     ):
         r = load(name)
         if r:
