@@ -1,7 +1,7 @@
 """What a result was measured on: recorded beside every run and benchmark result.
 
 Speed depends on the processor as much as on the code (the same CPU step ran at different
-speeds on an Intel machine with AVX-512 and an AMD one with AVX2 only), so results record
+speeds on a machine with AVX-512 and an AMD EPYC with AVX2 only), so results record
 the CPU's model and the instruction set PyTorch's kernels use, not only the architecture.
 """
 

@@ -595,10 +595,15 @@ def _record_machine(out: Path, machine: dict) -> None:
         try:
             runs = json.loads(path.read_text())["runs"]
         except (ValueError, KeyError, TypeError):
-            runs = []  # an unreadable record is replaced, never fatal to training
+            pass  # an unreadable record is replaced, never fatal to training
     runs = [r for r in runs if r.get("from_step", 0) < machine["from_step"]] + [machine]
-    tmp = out / ".machine.json.tmp"
-    tmp.write_text(json.dumps({"runs": runs}, indent=1))
+    _write_json(path, {"runs": runs})
+
+
+def _write_json(path: Path, obj) -> None:
+    """Write ``obj`` as JSON through a temporary file and a rename: never half-written."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
 
 
@@ -672,7 +677,5 @@ def evaluate_run(
     if not math.isfinite(result["mean"]):
         raise ValueError(f"evaluation of {path} gave a non-finite {res['metric']}")
     if shard is None or shard.main:
-        tmp = run / ".eval.json.tmp"
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, run / "eval.json")
+        _write_json(run / "eval.json", result)
     return result
