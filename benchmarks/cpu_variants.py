@@ -48,9 +48,12 @@ own empty inductor cache; not in the default set):
 
 For each: median seconds per meta-step, peak RSS, and the relative distance of the
 mean meta-gradient to the float64 one. Writes docs/benchmarks/cpu_variants.{json,png}.
+``--interleave`` times the variants in one process instead, one step of each per round
+(``run_interleaved``): fresh processes one after another also measure the machine's
+drift over minutes.
 
     python benchmarks/cpu_variants.py [--repeats 3] [--queries 15] [--solver cg|minres]
-        [--malloc system|keep]
+        [--malloc system|keep] [--interleave] [--variants ...] [--name NAME]
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -145,19 +149,23 @@ def threads_step(steps, params, batch):
     return run
 
 
-def run_one(variant: str, args) -> dict:
-    from torch._inductor import config as inductor_config
-
-    from imaml import TaskBatch
-    from imaml.cuda_graph import MetaStep
-    from imaml.models import Conv2d, OmniglotConvNet
-    from imaml.params import norm, sub
+def setup(args):
+    """This process's allocator, and the network and the batch every variant starts from."""
+    from imaml.models import OmniglotConvNet
 
     torch.set_flush_denormal(True)
     use_malloc(args.malloc)
     g = torch.Generator().manual_seed(0)
     model = OmniglotConvNet(5, generator=g)
-    batch = data(args.tasks, args.queries, g)
+    return model, data(args.tasks, args.queries, g)
+
+
+def variant_step(variant: str, args, model, batch):
+    """(fn, reference, force): one meta-step of ``variant`` as a function of nothing, the
+    same step in float64, and the inductor options ``fn`` runs under."""
+    from imaml import TaskBatch
+    from imaml.cuda_graph import MetaStep
+    from imaml.models import Conv2d
 
     def step_for(dtype, compile="off", **kw):
         if variant.endswith("threads") and dtype == torch.float32:
@@ -183,7 +191,6 @@ def run_one(variant: str, args) -> dict:
         return lambda: step(params, b)[0]
 
     reference = step_for(torch.float64)()
-    row = {"variant": variant}
     if variant == "bf16":
         fn = step_for(torch.bfloat16)
     elif variant == "autocast-bf16":
@@ -204,6 +211,16 @@ def run_one(variant: str, args) -> dict:
         "force_layout_optimization": variant == "pieces-channels-last",
         "cpp_wrapper": variant == "pieces-threads",
     }
+    return fn, reference, force
+
+
+def run_one(variant: str, args) -> dict:
+    from torch._inductor import config as inductor_config
+
+    from imaml.params import norm, sub
+
+    fn, reference, force = variant_step(variant, args, *setup(args))
+    row = {"variant": variant}
     try:
         with inductor_config.patch(force):
             t0 = time.perf_counter()
@@ -216,6 +233,43 @@ def run_one(variant: str, args) -> dict:
         return row
     row["peak_rss_mib"] = peak_rss_mib()
     return row
+
+
+def run_interleaved(variants: list[str], args) -> list[dict]:
+    """The variants in this one process, their steps alternating: after each variant's
+    first call, each round runs one step of each, in the listed order and then reversed,
+    so that the machine's drift over minutes slows them alike (the AMD EPYC's compiled
+    pieces took 3.3 s per step in one fresh process and 2.3 s in another later). One
+    inductor cache for all (the environment's ``TORCHINDUCTOR_CACHE_DIR``, if set), so
+    first calls are not cold-compilation times; peak RSS is the process's, not reported."""
+    from torch._inductor import config as inductor_config
+
+    from imaml.params import norm, sub
+
+    model, batch = setup(args)
+    steps, rows, times = {}, {}, {v: [] for v in variants}
+    for v in variants:
+        fn, reference, force = variant_step(v, args, model, batch)
+        steps[v] = fn, force
+        with inductor_config.patch(force):
+            t0 = time.perf_counter()
+            out = fn()
+        rows[v] = {"variant": v, "first_call_s": time.perf_counter() - t0}
+        rows[v]["rel_to_float64"] = float(norm(sub(out, reference)) / norm(reference))
+        print(f"{v:22s} first call {rows[v]['first_call_s']:7.1f} s", flush=True)
+    for r in range(args.repeats):
+        for v in variants if r % 2 == 0 else variants[::-1]:
+            fn, force = steps[v]
+            with inductor_config.patch(force):
+                t0 = time.perf_counter()
+                fn()
+            times[v].append(time.perf_counter() - t0)
+    for v in variants:
+        ts = times[v]
+        rows[v] |= {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts)}
+        rows[v] |= {"repeats": args.repeats, "times_s": ts}
+        print(f"{v:22s} {rows[v]['median_s']:6.2f} s/meta-step (median)", flush=True)
+    return list(rows.values())
 
 
 def plot(rows: list[dict], solver: str, path) -> None:
@@ -269,15 +323,22 @@ def main(argv=None) -> int:
         default="system",
         help="glibc's defaults, or freed memory kept for reuse as imaml train does",
     )
+    ap.add_argument(
+        "--interleave",
+        action="store_true",
+        help="time the variants in one process, their steps alternating round by round "
+        "(ratios that hold on a machine whose speed drifts); one inductor cache for all, "
+        "TORCHINDUCTOR_CACHE_DIR's if set; no peak RSS",
+    )
     ap.add_argument("--name", help="output name (default cpu_variants[_SOLVER])")
     ap.add_argument("--variant", choices=VARIANTS + PIECES_TRIED, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.variant:
         print(json.dumps(run_one(args.variant, args)))
         return 0
-    rows = []
+    rows = run_interleaved(args.variants, args) if args.interleave else []
     with tempfile.TemporaryDirectory() as cache:
-        for variant in args.variants:
+        for variant in args.variants if not args.interleave else ():
             # cold, then warm; the whole step and the pieces each start from an empty cache,
             # and so does each of the pieces experiments
             cold_warm = variant.endswith(("-cold", "-warm"))

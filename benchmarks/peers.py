@@ -20,16 +20,23 @@ run it) and with freed memory kept for reuse (``keep``, ``imaml.keep_freed_memor
 ``imaml train`` does on the CPU); each row records its minor page faults per meta-step.
 Writes docs/benchmarks/peers.json; needs ``pip install -e .[bench]`` for TorchOpt.
 
+``--interleave`` times the implementations in one process instead, one step of each per
+round, alternating the order (``run_interleaved``): on a machine whose speed drifts over
+minutes, fresh processes run one after another measure the drift as much as the code.
+
     python benchmarks/peers.py [--repeats 3] [--queries 15] [--impls a,b] [--mallocs system,keep]
+    python benchmarks/peers.py --interleave --mallocs keep --impls a,b,c --name NAME
     python benchmarks/peers.py --float64   # the rows' meta-gradients against the converged one
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -205,12 +212,8 @@ def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def run_one(impl: str, args) -> dict:
-    torch.set_flush_denormal(True)
-    use_malloc(args.malloc)
-    g = torch.Generator().manual_seed(0)
-    model = OmniglotConvNet(5, generator=g)
-    batch = data(args.tasks, args.queries, g)
+def step_fn(impl: str, model, batch):
+    """One meta-step of ``impl`` on ``batch`` as a function of nothing."""
     if impl.startswith("ours"):
         _, path, solver = impl.split("-")
         alg = peer_algorithm(
@@ -226,6 +229,16 @@ def run_one(impl: str, args) -> dict:
     else:
         meta = tuple(model.parameters())
         fn = lambda: TORCHOPT[impl](model, meta, batch)
+    return fn
+
+
+def run_one(impl: str, args) -> dict:
+    torch.set_flush_denormal(True)
+    use_malloc(args.malloc)
+    g = torch.Generator().manual_seed(0)
+    model = OmniglotConvNet(5, generator=g)
+    batch = data(args.tasks, args.queries, g)
+    fn = step_fn(impl, model, batch)
     t0 = time.perf_counter()
     fn()  # warm-up (for the compiled step: compilation)
     first = time.perf_counter() - t0
@@ -239,6 +252,43 @@ def run_one(impl: str, args) -> dict:
         "minor_faults_per_step": (minor_faults() - faults) / args.repeats,
         "peak_rss_mib": peak_rss_mib(),
     }
+
+
+def run_interleaved(impls: list[str], args) -> list[dict]:
+    """Every implementation in this one process, their steps alternating: each round runs
+    one step of each, in the listed order and then reversed, so that a machine whose speed
+    drifts over minutes (the AMD EPYC's: the same compiled step took 3.3 s in one process
+    and 2.3 s in another half an hour later) slows them alike and their ratios hold. The
+    network starts from the same weights for each. Peak memory and page faults are the
+    process's, not an implementation's, so they are not reported here."""
+    torch.set_flush_denormal(True)
+    use_malloc(args.malloc)
+    g = torch.Generator().manual_seed(0)
+    model = OmniglotConvNet(5, generator=g)
+    batch = data(args.tasks, args.queries, g)
+    fns, times, rows = {}, {impl: [] for impl in impls}, {}
+    for impl in impls:  # each with its own copy of the same network
+        fns[impl] = step_fn(impl, copy.deepcopy(model), batch)
+        t0 = time.perf_counter()
+        fns[impl]()  # warm-up (for the compiled step: compilation)
+        rows[impl] = {"impl": impl, "malloc": args.malloc, "first_call_s": time.perf_counter() - t0}
+        print(f"{impl:20s} first call {rows[impl]['first_call_s']:7.1f} s", flush=True)
+    for r in range(args.repeats):
+        for impl in impls if r % 2 == 0 else impls[::-1]:
+            t0 = time.perf_counter()
+            fns[impl]()
+            times[impl].append(time.perf_counter() - t0)
+    for impl in impls:
+        ts = times[impl]
+        rows[impl] |= {
+            "median_s": statistics.median(ts),
+            "min_s": min(ts),
+            "max_s": max(ts),
+            "repeats": args.repeats,
+            "times_s": ts,
+        }
+        print(f"{impl:20s} {args.malloc:6s} {rows[impl]['median_s']:6.2f} s/meta-step", flush=True)
+    return list(rows.values())
 
 
 def _names(text: str, valid: tuple[str, ...], what: str) -> list[str]:
@@ -269,6 +319,13 @@ def main(argv=None) -> int:
         help="instead of timing, check the rows' meta-gradients against the converged one in "
         "float64 (2 tasks, 3 query images per class); writes docs/benchmarks/NAME_float64.json",
     )
+    ap.add_argument(
+        "--interleave",
+        action="store_true",
+        help="time the implementations in one process, their steps alternating round by "
+        "round, under the one allocator of --mallocs (speed ratios that hold on a machine "
+        "whose speed drifts; no memory figures); writes docs/benchmarks/NAME.json",
+    )
     args = ap.parse_args(argv)
     if args.float64:
         dist = float64_distances(tasks=2, queries=3)
@@ -285,7 +342,14 @@ def main(argv=None) -> int:
     impls = _names(args.impls, IMPLS, "implementation")
     mallocs = _names(args.mallocs, MALLOCS, "allocator")
     rows = []
-    for impl in impls:
+    if args.interleave:
+        if len(mallocs) != 1:
+            raise SystemExit("peers.py: --interleave runs in one process: give one --mallocs")
+        args.malloc = mallocs[0]
+        with tempfile.TemporaryDirectory() as cache:  # compile from scratch
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+            rows = run_interleaved(impls, args)
+    for impl in impls if not args.interleave else ():
         for malloc in mallocs:
             cmd = [sys.executable, __file__, "--impl", impl, "--malloc", malloc]
             for opt in ("repeats", "tasks", "queries"):
@@ -302,12 +366,14 @@ def main(argv=None) -> int:
                 f"{row['minor_faults_per_step']:9.0f} page faults/step"
             )
     ok = {(r["impl"], r["malloc"]): r for r in rows if "error" not in r}
-    # Speed-ups over the references as their users run them (glibc's default allocator).
+    # Speed-ups over the references as their users run them (glibc's default allocator);
+    # interleaved, over the references in the same process
     for key, ref_impl in REFERENCES:
-        ref = ok.get((ref_impl, "system"))
+        ref = ok.get((ref_impl, args.malloc if args.interleave else "system"))
         for r in ok.values() if ref else ():
             r[f"speedup_vs_{key}"] = ref["median_s"] / r["median_s"]
-            r[f"rss_vs_{key}"] = r["peak_rss_mib"] / ref["peak_rss_mib"]
+            if "peak_rss_mib" in r:
+                r[f"rss_vs_{key}"] = r["peak_rss_mib"] / ref["peak_rss_mib"]
     cfg = {k: v for k, v in vars(args).items() if k not in ("impl", "malloc")} | {
         "lam": LAM,
         "inner_steps": STEPS,

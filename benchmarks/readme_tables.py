@@ -50,6 +50,20 @@ def peers_table(r) -> None:
         ("ours_loop", "our loop"),
     )
     refs = [(k, n) for k, n in refs if any(f"speedup_vs_{k}" in x for x in r["rows"])]
+    if all("peak_rss_mib" not in x for x in r["rows"]):  # --interleave: one process
+        print(
+            "| implementation | malloc | s / meta-step (median) | fastest–slowest | first call |"
+            + "".join(f" speed-up vs {name} |" for _, name in refs)
+        )
+        print("|---|---|---|---|---|" + "---|" * len(refs))
+        for x in r["rows"]:
+            print(
+                f"| {x['impl']} | {x['malloc']} | {x['median_s']:.2f} | "
+                f"{x['min_s']:.2f}–{x['max_s']:.2f} | {x['first_call_s']:.1f} s |"
+                + "".join(f" {x.get(f'speedup_vs_{key}', NAN):.2f}× |" for key, _ in refs)
+            )
+        print()
+        return
     print(
         "| implementation | malloc | s / meta-step | first call | page faults / step | peak RSS |"
         + "".join(f" speed-up vs {name} |" for _, name in refs)
@@ -144,6 +158,8 @@ def main() -> int:
         "peers_pieces_query_2",
         "peers_amd_epyc",
         "peers_amd_epyc_2",
+        "peers_amd_epyc_interleaved",
+        "peers_amd_epyc_interleaved_system",
     ):
         r = load(name)
         if r:
@@ -218,7 +234,12 @@ def main() -> int:
         if step:
             print(f"query-looped vs step, float64: {step['query_looped_vs_step_float64']:.1e}")
         print()
-    for r in (load("cpu_variants"), load("cpu_variants_minres")):
+    for r in (
+        load("cpu_variants"),
+        load("cpu_variants_minres"),
+        load("cpu_variants_amd_epyc"),
+        load("cpu_variants_amd_epyc_interleaved"),
+    ):
         if not r:
             continue
         print(f"solver: {r['config']['solver']}")
@@ -232,10 +253,10 @@ def main() -> int:
             if "error" in x:
                 print(f"| {x['variant']} | failed: {x['error']} | | | | |")
                 continue
+            rss = f"{x['peak_rss_mib']:.0f} MiB" if "peak_rss_mib" in x else "–"
             print(
                 f"| {x['variant']} | {x['median_s']:.2f} | {x['first_call_s']:.1f} s | "
-                f"{x['speedup_over_eager']:.2f}× | {x['rel_to_float64']:.1e} | "
-                f"{x['peak_rss_mib']:.0f} MiB |"
+                f"{x['speedup_over_eager']:.2f}× | {x['rel_to_float64']:.1e} | {rss} |"
             )
         print()
     for name in ("fig2b_cost", "gpu/fig2b_cost_cuda"):

@@ -79,7 +79,9 @@ AUTO_COMPILE_MIN_STEPS = {"cuda": 5000, "cpu": 1000}
 # out channels-last (oneDNN), and the batch normalisations between them then reduce down
 # columns 2,048 floats apart (vmap's tasks × channels): the query pass's backward alone took
 # ~100 ms. Plain NCHW took 4-9% less time per step at the peer setting and 8-16% less at
-# the preset's (docs/benchmarks/cpu_pieces_layout{,_q1}.json and ad hoc pairs).
+# the preset's (docs/benchmarks/cpu_pieces_layout{,_q1}.json and ad hoc pairs). On an AMD
+# EPYC (Zen 3, AVX2) channels-last took 1.15x the time, round by round in one process
+# (docs/benchmarks/cpu_variants_amd_epyc_interleaved.json).
 CPU_PIECES_OPTIONS = {"layout_optimization": False}
 # inductor options for compile="pieces" on CUDA: no persistent reductions. With them Triton
 # (3.6, PyTorch 2.11) failed to compile the solve piece's fused MINRES update, a persistent
@@ -106,7 +108,9 @@ SOLVE_PIECE = {"cpu": True, "cuda": True}
 # task, 156-168 against 209-212 ms at 50, 72-75 against 81-84 ms at 20, equal at 15,
 # slower below). The per-task program is slower in some processes than in others: in ad
 # hoc runs 3 of 10 processes at 25-30 images ran it 11-29% slower than vmap, and from 40
-# on none by more than 3%, hence 40. Not on CUDA (not measured there; per-task launches
+# on none by more than 3%, hence 40. On an AMD EPYC (Zen 3, AVX2) the whole peer step
+# was within 0-3% either way in two interleaved races (cpu_variants_amd_epyc_interleaved.json
+# and the README), so 40 stays. Not on CUDA (not measured there; per-task launches
 # are what the graph exists to avoid).
 QUERY_PER_TASK = {"cpu": 40, "cuda": None}
 
