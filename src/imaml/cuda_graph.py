@@ -109,7 +109,7 @@ SOLVE_PIECE = {"cpu": True, "cuda": True}
 # slower below). The per-task program is slower in some processes than in others: in ad
 # hoc runs 3 of 10 processes at 25-30 images ran it 11-29% slower than vmap, and from 40
 # on none by more than 3%, hence 40. On an AMD EPYC (Zen 3, AVX2) the whole peer step
-# was within 0-3% either way in two interleaved races (cpu_variants_amd_epyc_interleaved.json
+# was within 0-5% either way in two interleaved races (cpu_variants_amd_epyc_interleaved.json
 # and the README), so 40 stays. Not on CUDA (not measured there; per-task launches
 # are what the graph exists to avoid).
 QUERY_PER_TASK = {"cpu": 40, "cuda": None}
