@@ -249,14 +249,21 @@ def run_interleaved(variants: list[str], args) -> list[dict]:
     model, batch = setup(args)
     steps, rows, times = {}, {}, {v: [] for v in variants}
     for v in variants:
-        fn, reference, force = variant_step(v, args, model, batch)
+        rows[v] = {"variant": v}
+        try:
+            fn, reference, force = variant_step(v, args, model, batch)
+            with inductor_config.patch(force):
+                t0 = time.perf_counter()
+                out = fn()
+        except Exception as e:  # recorded, as run_one does, and left out of the rounds
+            rows[v]["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+            print(f"{v:22s} failed: {rows[v]['error']}", flush=True)
+            continue
         steps[v] = fn, force
-        with inductor_config.patch(force):
-            t0 = time.perf_counter()
-            out = fn()
-        rows[v] = {"variant": v, "first_call_s": time.perf_counter() - t0}
+        rows[v]["first_call_s"] = time.perf_counter() - t0
         rows[v]["rel_to_float64"] = float(norm(sub(out, reference)) / norm(reference))
         print(f"{v:22s} first call {rows[v]['first_call_s']:7.1f} s", flush=True)
+    variants = [v for v in variants if v in steps]
     for r in range(args.repeats):
         for v in variants if r % 2 == 0 else variants[::-1]:
             fn, force = steps[v]

@@ -268,11 +268,19 @@ def run_interleaved(impls: list[str], args) -> list[dict]:
     batch = data(args.tasks, args.queries, g)
     fns, times, rows = {}, {impl: [] for impl in impls}, {}
     for impl in impls:  # each with its own copy of the same network
-        fns[impl] = step_fn(impl, copy.deepcopy(model), batch)
-        t0 = time.perf_counter()
-        fns[impl]()  # warm-up (for the compiled step: compilation)
-        rows[impl] = {"impl": impl, "malloc": args.malloc, "first_call_s": time.perf_counter() - t0}
+        rows[impl] = {"impl": impl, "malloc": args.malloc}
+        try:
+            fn = step_fn(impl, copy.deepcopy(model), batch)
+            t0 = time.perf_counter()
+            fn()  # warm-up (for the compiled step: compilation)
+        except Exception as e:  # recorded, as a failed fresh process is, and left out
+            rows[impl]["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+            print(f"{impl:20s} failed: {rows[impl]['error']}", flush=True)
+            continue
+        fns[impl] = fn
+        rows[impl]["first_call_s"] = time.perf_counter() - t0
         print(f"{impl:20s} first call {rows[impl]['first_call_s']:7.1f} s", flush=True)
+    impls = [impl for impl in impls if impl in fns]
     for r in range(args.repeats):
         for impl in impls if r % 2 == 0 else impls[::-1]:
             t0 = time.perf_counter()

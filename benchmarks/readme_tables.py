@@ -57,6 +57,12 @@ def peers_table(r) -> None:
         )
         print("|---|---|---|---|---|" + "---|" * len(refs))
         for x in r["rows"]:
+            if "error" in x:
+                print(
+                    f"| {x['impl']} | {x['malloc']} | failed: {x['error']} |"
+                    + " |" * (2 + len(refs))
+                )
+                continue
             print(
                 f"| {x['impl']} | {x['malloc']} | {x['median_s']:.2f} | "
                 f"{x['min_s']:.2f}–{x['max_s']:.2f} | {x['first_call_s']:.1f} s |"
