@@ -18,21 +18,42 @@ def timeit(fn, *, repeats: int, warmup: int = 1) -> dict:
     """Median and spread of wall-clock seconds over ``repeats`` calls after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
-    ts = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t0)
+    return spread([seconds(fn) for _ in range(repeats)])
+
+
+def seconds(fn) -> float:
+    """Wall-clock seconds of one call of ``fn`` (with the GPU's queue drained, if any)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def spread(ts: list[float]) -> dict:
+    """Median, fastest and slowest of the seconds ``ts``, and how many."""
     return {
         "median_s": statistics.median(ts),
         "min_s": min(ts),
         "max_s": max(ts),
-        "repeats": repeats,
+        "repeats": len(ts),
     }
+
+
+def interleaved(fns: dict, *, repeats: int) -> dict[str, dict]:
+    """``timeit`` for several functions at once, their calls alternating: ``repeats`` rounds
+    of one call of each, in the given order and then reversed, so that a machine whose
+    speed drifts over minutes slows them alike and their ratios hold (fresh processes run
+    one after another measure the drift as much as the code). Each name's ``spread`` and
+    its seconds round by round (``times_s``)."""
+    names = list(fns)
+    times = {n: [] for n in names}
+    for r in range(repeats):
+        for n in names if r % 2 == 0 else names[::-1]:
+            times[n].append(seconds(fns[n]))
+    return {n: {**spread(ts), "times_s": ts} for n, ts in times.items()}
 
 
 def peak_rss_mib() -> float:

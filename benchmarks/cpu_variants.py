@@ -62,7 +62,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
 import tempfile
 import threading
@@ -70,7 +69,9 @@ import time
 
 import torch
 
-from common import OUT, peak_rss_mib, run_fresh, timeit, use_malloc, write
+from imaml.cuda_graph import _one_line as one_line
+
+from common import OUT, interleaved, peak_rss_mib, run_fresh, timeit, use_malloc, write
 from peers import CG, LAM, LR, STEPS, data, peer_algorithm
 
 VARIANTS = (
@@ -160,9 +161,10 @@ def setup(args):
     return model, data(args.tasks, args.queries, g)
 
 
-def variant_step(variant: str, args, model, batch):
+def variant_step(variant: str, args, model, batch, reference=None):
     """(fn, reference, force): one meta-step of ``variant`` as a function of nothing, the
-    same step in float64, and the inductor options ``fn`` runs under."""
+    same step in float64 (computed unless given: it is the same for every variant), and
+    the inductor options ``fn`` runs under."""
     from imaml import TaskBatch
     from imaml.cuda_graph import MetaStep
     from imaml.models import Conv2d
@@ -190,7 +192,8 @@ def variant_step(variant: str, args, model, batch):
         )
         return lambda: step(params, b)[0]
 
-    reference = step_for(torch.float64)()
+    if reference is None:
+        reference = step_for(torch.float64)()
     if variant == "bf16":
         fn = step_for(torch.bfloat16)
     elif variant == "autocast-bf16":
@@ -229,53 +232,43 @@ def run_one(variant: str, args) -> dict:
             row["rel_to_float64"] = float(norm(sub(out, reference)) / norm(reference))
             row.update(timeit(fn, repeats=args.repeats, warmup=0))
     except Exception as e:  # measured, not guessed: record what happens
-        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+        row["error"] = one_line(e)
         return row
     row["peak_rss_mib"] = peak_rss_mib()
     return row
 
 
 def run_interleaved(variants: list[str], args) -> list[dict]:
-    """The variants in this one process, their steps alternating: after each variant's
-    first call, each round runs one step of each, in the listed order and then reversed,
-    so that the machine's drift over minutes slows them alike (the AMD EPYC's compiled
-    pieces took 3.3 s per step in one fresh process and 2.3 s in another later). One
-    inductor cache for all (the environment's ``TORCHINDUCTOR_CACHE_DIR``, if set), so
-    first calls are not cold-compilation times; peak RSS is the process's, not reported."""
+    """The variants in this one process, their steps alternating round by round
+    (``common.interleaved``: the AMD EPYC's compiled pieces took 3.3 s per step in one
+    fresh process and 2.3 s in another later). One inductor cache for all (the
+    environment's ``TORCHINDUCTOR_CACHE_DIR``, if set), so first calls are not
+    cold-compilation times; peak RSS is the process's, not reported. A variant that fails
+    is recorded, as ``run_one`` does, and left out of the rounds."""
     from torch._inductor import config as inductor_config
 
     from imaml.params import norm, sub
 
     model, batch = setup(args)
-    steps, rows, times = {}, {}, {v: [] for v in variants}
+    fns, rows, reference = {}, {}, None
     for v in variants:
         rows[v] = {"variant": v}
         try:
-            fn, reference, force = variant_step(v, args, model, batch)
+            fn, reference, force = variant_step(v, args, model, batch, reference)
             with inductor_config.patch(force):
                 t0 = time.perf_counter()
                 out = fn()
-        except Exception as e:  # recorded, as run_one does, and left out of the rounds
-            rows[v]["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+        except Exception as e:
+            rows[v]["error"] = one_line(e)
             print(f"{v:22s} failed: {rows[v]['error']}", flush=True)
             continue
-        steps[v] = fn, force
         rows[v]["first_call_s"] = time.perf_counter() - t0
         rows[v]["rel_to_float64"] = float(norm(sub(out, reference)) / norm(reference))
+        fns[v] = inductor_config.patch(force)(fn)  # each call under its variant's options
         print(f"{v:22s} first call {rows[v]['first_call_s']:7.1f} s", flush=True)
-    variants = [v for v in variants if v in steps]
-    for r in range(args.repeats):
-        for v in variants if r % 2 == 0 else variants[::-1]:
-            fn, force = steps[v]
-            with inductor_config.patch(force):
-                t0 = time.perf_counter()
-                fn()
-            times[v].append(time.perf_counter() - t0)
-    for v in variants:
-        ts = times[v]
-        rows[v] |= {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts)}
-        rows[v] |= {"repeats": args.repeats, "times_s": ts}
-        print(f"{v:22s} {rows[v]['median_s']:6.2f} s/meta-step (median)", flush=True)
+    for v, t in interleaved(fns, repeats=args.repeats).items():
+        rows[v] |= t
+        print(f"{v:22s} {t['median_s']:6.2f} s/meta-step (median)", flush=True)
     return list(rows.values())
 
 

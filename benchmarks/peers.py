@@ -36,7 +36,6 @@ import copy
 import json
 import os
 import resource
-import statistics
 import sys
 import tempfile
 import time
@@ -47,10 +46,11 @@ from torch.func import functional_call
 
 from imaml import make_algorithm
 from imaml.cuda_graph import MetaStep
+from imaml.cuda_graph import _one_line as one_line
 from imaml.models import OmniglotConvNet
 from imaml.params import norm, sub
 
-from common import peak_rss_mib, run_fresh, timeit, use_malloc, write
+from common import interleaved, peak_rss_mib, run_fresh, timeit, use_malloc, write
 
 IMPLS = (
     "ours-vmap-cg",
@@ -232,13 +232,17 @@ def step_fn(impl: str, model, batch):
     return fn
 
 
-def run_one(impl: str, args) -> dict:
+def setup(args):
+    """This process's allocator, and the network and the batch every implementation gets."""
     torch.set_flush_denormal(True)
     use_malloc(args.malloc)
     g = torch.Generator().manual_seed(0)
     model = OmniglotConvNet(5, generator=g)
-    batch = data(args.tasks, args.queries, g)
-    fn = step_fn(impl, model, batch)
+    return model, data(args.tasks, args.queries, g)
+
+
+def run_one(impl: str, args) -> dict:
+    fn = step_fn(impl, *setup(args))
     t0 = time.perf_counter()
     fn()  # warm-up (for the compiled step: compilation)
     first = time.perf_counter() - t0
@@ -255,47 +259,29 @@ def run_one(impl: str, args) -> dict:
 
 
 def run_interleaved(impls: list[str], args) -> list[dict]:
-    """Every implementation in this one process, their steps alternating: each round runs
-    one step of each, in the listed order and then reversed, so that a machine whose speed
-    drifts over minutes (the AMD EPYC's: the same compiled step took 3.3 s in one process
-    and 2.3 s in another half an hour later) slows them alike and their ratios hold. The
-    network starts from the same weights for each. Peak memory and page faults are the
-    process's, not an implementation's, so they are not reported here."""
-    torch.set_flush_denormal(True)
-    use_malloc(args.malloc)
-    g = torch.Generator().manual_seed(0)
-    model = OmniglotConvNet(5, generator=g)
-    batch = data(args.tasks, args.queries, g)
-    fns, times, rows = {}, {impl: [] for impl in impls}, {}
-    for impl in impls:  # each with its own copy of the same network
+    """Every implementation in this one process, their steps alternating round by round
+    (``common.interleaved``: the AMD EPYC's speed drifts, the same compiled step took 3.3 s
+    in one process and 2.3 s in another half an hour later). Each gets its own copy of the
+    same network. Peak memory and page faults are the process's, not an implementation's,
+    so they are not reported here; an implementation that fails is recorded and left out."""
+    model, batch = setup(args)
+    fns, rows = {}, {}
+    for impl in impls:
         rows[impl] = {"impl": impl, "malloc": args.malloc}
         try:
             fn = step_fn(impl, copy.deepcopy(model), batch)
             t0 = time.perf_counter()
             fn()  # warm-up (for the compiled step: compilation)
-        except Exception as e:  # recorded, as a failed fresh process is, and left out
-            rows[impl]["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+        except Exception as e:  # recorded, as a failed fresh process is
+            rows[impl]["error"] = one_line(e)
             print(f"{impl:20s} failed: {rows[impl]['error']}", flush=True)
             continue
         fns[impl] = fn
         rows[impl]["first_call_s"] = time.perf_counter() - t0
         print(f"{impl:20s} first call {rows[impl]['first_call_s']:7.1f} s", flush=True)
-    impls = [impl for impl in impls if impl in fns]
-    for r in range(args.repeats):
-        for impl in impls if r % 2 == 0 else impls[::-1]:
-            t0 = time.perf_counter()
-            fns[impl]()
-            times[impl].append(time.perf_counter() - t0)
-    for impl in impls:
-        ts = times[impl]
-        rows[impl] |= {
-            "median_s": statistics.median(ts),
-            "min_s": min(ts),
-            "max_s": max(ts),
-            "repeats": args.repeats,
-            "times_s": ts,
-        }
-        print(f"{impl:20s} {args.malloc:6s} {rows[impl]['median_s']:6.2f} s/meta-step", flush=True)
+    for impl, t in interleaved(fns, repeats=args.repeats).items():
+        rows[impl] |= t
+        print(f"{impl:20s} {args.malloc:6s} {t['median_s']:6.2f} s/meta-step", flush=True)
     return list(rows.values())
 
 
