@@ -191,8 +191,11 @@ def main() -> int:
         for k, v in r["cg_rows_vs_ours_vmap_cg"].items():
             print(f"float64, {k} vs ours-vmap-cg: {v:.1e}")
         print()
-    r = load("roofline")
-    if r:
+    for name in ("roofline", "roofline_amd_epyc"):
+        r = load(name)
+        if not r:
+            continue
+        print(f"{name} ({r['machine'].get('cpu_model', r['machine']['cpu'])}):")
         f = r["step_flops"]
         print(
             "one meta-step: "
@@ -210,14 +213,34 @@ def main() -> int:
         for layer in dict.fromkeys(x["layer"] for x in r["dense_conv_layers"]):
             print(f"| {layer} | " + " | ".join(f"{cell[layer, n]:.0f}" for n in batches) + " |")
         print()
-        print("| implementation | malloc | GFLOP/s | of the best dense rate |")
-        print("|---|---|---|---|")
+        for i, x in enumerate(r.get("rounds", [])):
+            if "ours_loop_s" in x:
+                print(
+                    f"round {i + 1}: best dense rate {x['best_dense_conv_gflops_per_s']:.0f} "
+                    f"GFLOP/s, our loop {x['ours_loop_s']:.2f} s "
+                    f"({100 * x['ours_loop_fraction_of_best']:.0f}%)"
+                )
+        scaled = any("seconds_at_this_speed" in x for x in r["achieved"])
+        print(
+            "| implementation | malloc | s / meta-step (peer run) | "
+            + ("s / meta-step at this run's speed | " if scaled else "")
+            + "GFLOP/s | of the best dense rate |"
+        )
+        print("|---|---|---|" + ("---|" if scaled else "") + "---|---|")
         for x in r["achieved"]:
+            at = f"{x['seconds_at_this_speed']:.2f} | " if scaled else ""
             print(
-                f"| {x['impl']} | {x['malloc']} | {x['gflops_per_s']:.0f} | "
-                f"{100 * x['fraction_of_best']:.0f}% |"
+                f"| {x['impl']} | {x['malloc']} | {x['median_s']:.2f} | {at}"
+                f"{x['gflops_per_s']:.0f} | {100 * x['fraction_of_best']:.0f}% |"
             )
         print()
+        for t in r.get("targets", []):
+            print(
+                f"{t['for']} ({t['malloc']}) for {t['target']}: {t['seconds']:.2f} s, "
+                f"{t['gflops_per_s']:.0f} GFLOP/s, {100 * t['fraction_of_best']:.0f}% of the best"
+            )
+        if r.get("targets"):
+            print()
     r = load("conv_layouts")
     if r:
         per_task = sorted({x["images_per_task"] for x in r["layers"]})

@@ -18,10 +18,18 @@ meta-batch's query sets), with freed memory kept for reuse
 its share of the operations, is the best rate for the step's convolutions; the step's
 operations divided by it is a floor on its time that an implementation of the same
 arithmetic does not go under on this machine (element-wise work, batch normalisation and
-the solver's vector arithmetic come on top). Reads docs/benchmarks/peers.json for the measured times.
-Writes docs/benchmarks/roofline.{json,png}.
+the solver's vector arithmetic come on top). The achieved rates come from the measured
+times of peers.py results (``--peers``, docs/benchmarks/peers.json by default; files of
+``--interleave`` runs work too).
 
-    python benchmarks/roofline.py [--repeats 10]
+On a machine whose speed drifts over minutes, a peer run and this run measure different
+moments of it. ``--rounds N`` measures the dense rates N times, each followed by one timed
+step of our per-task loop (eager, as peers.py's ``ours-loop-cg`` runs it), and puts every
+peer row at this run's speed: its time relative to the loop of its own run (ratios that
+hold while the machine drifts) times the loop's time here. Writes
+docs/benchmarks/NAME.{json,png} (``--name``, roofline by default).
+
+    python benchmarks/roofline.py [--repeats 10] [--rounds N] [--peers PATH ...] [--name NAME]
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
+import statistics
 import sys
 
 import torch
@@ -38,8 +48,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from imaml import keep_freed_memory
 from imaml.models import OmniglotConvNet
 
-from common import OUT, timeit, write
-from peers import TORCHOPT, data, peer_algorithm
+from common import OUT, seconds, timeit, write
+from peers import TORCHOPT, data, peer_algorithm, step_fn
 
 # (input channels, input side) of the Omniglot network's four 3x3 stride-2 convolutions
 LAYERS = ((1, 28), (64, 14), (64, 8), (64, 4))
@@ -73,6 +83,14 @@ def step_flops(tasks: int, queries: int) -> dict:
         except ImportError as e:
             out[name] = {"error": f"{type(e).__name__}: {e}"}
     return out
+
+
+def best_rate(layers: list[dict]) -> float:
+    """Every image of the step goes through the four layers, so the best combined rate is
+    the four layers' FLOP shares, each at its best rate over the batch sizes measured."""
+    share = {r["layer"]: r["gflop"] / r["images"] for r in layers}
+    rate = {k: max(r["gflops_per_s"] for r in layers if r["layer"] == k) for k in share}
+    return sum(share.values()) / sum(share[k] / rate[k] for k in share)
 
 
 def conv_rate(images: int, repeats: int) -> list[dict]:
@@ -117,6 +135,19 @@ def plot(payload: dict, path) -> None:
     ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right", fontsize=8)
     best = payload["best_dense_conv_gflops_per_s"]
     ax.axhline(best, color="tab:red", ls="--", label=f"best dense conv here ({best:.0f} GFLOP/s)")
+    # over our compiled rows: the rate the issue's targets would need of that step
+    styles = {"5x torchopt-cg": ("black", "-"), "3x ours-loop-cg": ("tab:gray", ":")}
+    labelled = set()
+    for i, r in enumerate(rows):
+        for t in payload.get("targets", []):
+            if (t["peers"], t["malloc"]) != (r.get("peers"), r["malloc"]):
+                continue
+            if r["impl"] != t["for"]:
+                continue
+            color, ls = styles[t["target"]]
+            label = None if t["target"] in labelled else f"needed for {t['target']}"
+            labelled.add(t["target"])
+            ax.hlines(t["gflops_per_s"], i - 0.45, i + 0.45, colors=color, ls=ls, label=label)
     ax.set_ylabel("GFLOP/s (convolutions, per meta-step)")
     ax.set_title("Peer meta-step: achieved rate vs the machine's best on these convolutions")
     ax.legend()
@@ -128,50 +159,136 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--tasks", type=int, default=32)
-    ap.add_argument("--queries", type=int, default=15)
+    ap.add_argument(
+        "--repeats", type=int, default=10, help="timed calls per dense convolution (median)"
+    )
+    ap.add_argument("--tasks", type=int, default=32, help="meta-batch of the counted step")
+    ap.add_argument(
+        "--queries", type=int, default=15, help="query images per class of the counted step"
+    )
+    ap.add_argument(
+        "--peers",
+        type=pathlib.Path,
+        nargs="+",
+        default=[OUT / "peers.json"],
+        help="peers.py results whose measured times the achieved rates are computed from",
+    )
+    ap.add_argument("--name", default="roofline", help="output name under docs/benchmarks/")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        help="measure the dense rates N times, each followed by one timed step of our per-task "
+        "loop, and scale the peer run's times by its loop's time against the loop's time here "
+        "(for a machine whose speed drifts between runs); 0: one measurement, the peer run's "
+        "times as they are",
+    )
     args = ap.parse_args(argv)
+    for path in args.peers:
+        if not path.is_file():
+            ap.error(f"--peers {path}: no such file; run benchmarks/peers.py first")
+        config = json.loads(path.read_text()).get("config", {})
+        for key in ("tasks", "queries"):
+            if config.get(key, getattr(args, key)) != getattr(args, key):
+                ap.error(
+                    f"--peers {path} was measured with {key}={config[key]}, this run has "
+                    f"--{key} {getattr(args, key)}: give the same setting"
+                )
     torch.set_flush_denormal(True)
     keep_freed_memory()
     flops = step_flops(args.tasks, args.queries)
-    layers = [r for n in BATCHES for r in conv_rate(n, args.repeats)]
-    # Every image of the step goes through the four layers, so the best combined rate is the
-    # four layers' FLOP shares, each at its best rate over the batch sizes measured.
-    share = {r["layer"]: r["gflop"] / r["images"] for r in layers}
-    rate = {k: max(r["gflops_per_s"] for r in layers if r["layer"] == k) for k in share}
-    best = sum(share.values()) / sum(share[k] / rate[k] for k in share)
+    loop_step = None
+    if args.rounds:
+        g = torch.Generator().manual_seed(0)
+        model = OmniglotConvNet(5, generator=g)
+        batch = data(args.tasks, args.queries, g)
+        loop_step = step_fn("ours-loop-cg", model, batch)
+        loop_step()  # warm-up
+    sweeps, loop_s = [], []
+    for _ in range(max(args.rounds, 1)):
+        sweeps.append([r for n in BATCHES for r in conv_rate(n, args.repeats)])
+        if loop_step is not None:
+            loop_s.append(seconds(loop_step))
+    # each cell's median over the rounds
+    layers = [
+        {
+            **cells[0],
+            **{k: statistics.median(c[k] for c in cells) for k in ("median_s", "gflops_per_s")},
+        }
+        for cells in zip(*sweeps, strict=True)
+    ]
+    best = best_rate(layers)
     ours = flops["ours-loop-cg"]["gflop"]
-    peers_path = OUT / "peers.json"
+    rounds = [
+        {"best_dense_conv_gflops_per_s": best_rate(sweep)}
+        | (
+            {"ours_loop_s": t, "ours_loop_fraction_of_best": ours / t / best_rate(sweep)}
+            if loop_s
+            else {}
+        )
+        for sweep, t in zip(sweeps, loop_s or [None] * len(sweeps), strict=True)
+    ]
+    relative = lambda path: os.path.relpath(path.resolve(), OUT.parent.parent)
     achieved = []
-    if peers_path.exists():
-        for r in json.loads(peers_path.read_text())["rows"]:
-            if "error" in r:
-                continue
+    for path in args.peers:
+        peer_rows = [r for r in json.loads(path.read_text())["rows"] if "error" not in r]
+        loop_in_peers = {
+            r.get("malloc", "system"): r["median_s"]
+            for r in peer_rows
+            if r["impl"] == "ours-loop-cg"
+        }
+        for r in peer_rows:
             impl_flops = flops.get(r["impl"], flops["ours-loop-cg"])
             if "gflop" not in impl_flops:
                 continue
-            achieved_rate = impl_flops["gflop"] / r["median_s"]
-            achieved.append(
-                {
-                    "impl": r["impl"],
-                    "malloc": r.get("malloc", "system"),
-                    "median_s": r["median_s"],
-                    "gflops_per_s": achieved_rate,
-                    "fraction_of_best": achieved_rate / best,
-                }
-            )
+            malloc = r.get("malloc", "system")
+            row = {"peers": relative(path), "impl": r["impl"], "malloc": malloc}
+            row["median_s"] = r["median_s"]
+            if loop_s and malloc in loop_in_peers:
+                # the peer run's time relative to its own loop, times the loop's time here:
+                # the implementation's time at this process's speed of the machine
+                seconds_here = r["median_s"] / loop_in_peers[malloc] * statistics.median(loop_s)
+                row["seconds_at_this_speed"] = seconds_here
+            else:
+                seconds_here = r["median_s"]
+            rate = impl_flops["gflop"] / seconds_here
+            achieved.append(row | {"gflops_per_s": rate, "fraction_of_best": rate / best})
+    # what our compiled step would have to reach for the issue's CPU targets (5x the lean
+    # TorchOpt, 3x our per-task loop), at the same speed of the machine as its rows
+    targets = []
+    ours_rows = [
+        r for r in achieved if r["impl"].startswith("ours-") and r["impl"] != "ours-loop-cg"
+    ]
+    for r in ours_rows:
+        for ref, times in (("torchopt-cg", 5), ("ours-loop-cg", 3)):
+            for x in achieved:
+                if (x["impl"], x["peers"], x["malloc"]) != (ref, r["peers"], r["malloc"]):
+                    continue
+                needed = x.get("seconds_at_this_speed", x["median_s"]) / times
+                rate = flops["ours-loop-cg"]["gflop"] / needed
+                targets.append(
+                    {
+                        "target": f"{times}x {ref}",
+                        "for": r["impl"],
+                        "peers": r["peers"],
+                        "malloc": r["malloc"],
+                        "seconds": needed,
+                        "gflops_per_s": rate,
+                        "fraction_of_best": rate / best,
+                    }
+                )
     payload = {
-        "config": vars(args),
+        "config": {**vars(args), "peers": [relative(p) for p in args.peers]},
         "step_flops": flops,
         "dense_conv_layers": layers,
         "best_dense_conv_gflops_per_s": best,
         "floor_s_ours": ours / best,
+        "rounds": rounds,
         "achieved": achieved,
-        "peers_json": os.path.relpath(peers_path, OUT.parent.parent),
+        "targets": targets,
     }
-    write("roofline", payload)
-    plot(payload, OUT / "roofline.png")
+    write(args.name, payload)
+    plot(payload, OUT / f"{args.name}.png")
     print(
         "one meta-step: "
         + ", ".join(f"{k} {v.get('gflop', float('nan')):.1f} GFLOP" for k, v in flops.items())
@@ -179,6 +296,20 @@ def main(argv=None) -> int:
     print(
         f"best dense-convolution rate on these layers: {best:.0f} GFLOP/s -> floor {ours / best:.2f} s/step"
     )
+    for i, r in enumerate(rounds):
+        print(
+            f"round {i + 1}: best dense rate {r['best_dense_conv_gflops_per_s']:.0f} GFLOP/s"
+            + (
+                f", our loop {r['ours_loop_s']:.2f} s ({100 * r['ours_loop_fraction_of_best']:.0f}% of best)"
+                if "ours_loop_s" in r
+                else ""
+            )
+        )
+    for t in targets:
+        print(
+            f"{t['for']} ({t['malloc']}) for {t['target']}: {t['seconds']:.2f} s, "
+            f"{t['gflops_per_s']:.1f} GFLOP/s ({100 * t['fraction_of_best']:.0f}% of best)"
+        )
     for r in achieved:
         print(
             f"{r['impl']:20s} {r['malloc']:6s} {r['gflops_per_s']:6.1f} GFLOP/s ({100 * r['fraction_of_best']:.0f}% of best)"
