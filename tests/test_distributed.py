@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from imaml.checkpoint import load_checkpoint
@@ -71,6 +72,31 @@ def test_shards_cover_the_batch_in_order():
             idx = [i for s in parts for i in range(n)[s]]
             assert idx == list(range(n))
             assert max(s.stop - s.start for s in parts) - min(s.stop - s.start for s in parts) <= 1
+
+
+def test_a_torchrun_rank_exits_without_interpreter_teardown(monkeypatch):
+    """``imaml`` under torchrun ends with os._exit(status) (a rank that finished must not
+    abort in PyTorch's exit-time teardown); a single process exits normally."""
+    import imaml.cli as cli
+
+    class HardExit(Exception):
+        pass
+
+    def hard_exit(code):
+        exits.append(code)
+        raise HardExit  # os._exit does not return
+
+    exits = []
+    monkeypatch.setattr(cli, "main", lambda: 3)
+    monkeypatch.setattr(cli.os, "_exit", hard_exit)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(HardExit):
+        cli.run()
+    assert exits == [3]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(SystemExit) as e:
+        cli.run()
+    assert e.value.code == 3 and exits == [3]
 
 
 def test_two_processes_equal_one_on_sinusoid_with_an_uneven_split(tmp_path):
