@@ -71,8 +71,8 @@ import torch
 
 from imaml.cuda_graph import _one_line as one_line
 
-from common import OUT, interleaved, peak_rss_mib, run_fresh, timeit, use_malloc, write
-from peers import CG, LAM, LR, STEPS, data, peer_algorithm
+from common import OUT, interleaved, peak_rss_mib, run_fresh, timeit, write
+from peers import CG, LAM, LR, STEPS, peer_algorithm, setup
 
 VARIANTS = (
     "eager",
@@ -148,17 +148,6 @@ def threads_step(steps, params, batch):
         }
 
     return run
-
-
-def setup(args):
-    """This process's allocator, and the network and the batch every variant starts from."""
-    from imaml.models import OmniglotConvNet
-
-    torch.set_flush_denormal(True)
-    use_malloc(args.malloc)
-    g = torch.Generator().manual_seed(0)
-    model = OmniglotConvNet(5, generator=g)
-    return model, data(args.tasks, args.queries, g)
 
 
 def variant_step(variant: str, args, model, batch, reference=None):

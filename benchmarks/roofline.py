@@ -35,6 +35,7 @@ docs/benchmarks/NAME.{json,png} (``--name``, roofline by default).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import pathlib
@@ -69,10 +70,7 @@ def count_flops(fn) -> dict:
     }
 
 
-def step_flops(tasks: int, queries: int) -> dict:
-    g = torch.Generator().manual_seed(0)
-    model = OmniglotConvNet(5, generator=g)
-    batch = data(tasks, queries, g)
+def step_flops(model, batch) -> dict:
     alg = peer_algorithm(model, solver="cg", batched=False)
     params = dict(model.named_parameters())
     out = {"ours-loop-cg": count_flops(lambda: alg.meta_grad(params, batch))}
@@ -140,9 +138,7 @@ def plot(payload: dict, path) -> None:
     labelled = set()
     for i, r in enumerate(rows):
         for t in payload.get("targets", []):
-            if (t["peers"], t["malloc"]) != (r.get("peers"), r["malloc"]):
-                continue
-            if r["impl"] != t["for"]:
+            if (t["for"], t["peers"], t["malloc"]) != (r["impl"], r.get("peers"), r["malloc"]):
                 continue
             color, ls = styles[t["target"]]
             label = None if t["target"] in labelled else f"needed for {t['target']}"
@@ -196,19 +192,25 @@ def main(argv=None) -> int:
                 )
     torch.set_flush_denormal(True)
     keep_freed_memory()
-    flops = step_flops(args.tasks, args.queries)
-    loop_step = None
-    if args.rounds:
-        g = torch.Generator().manual_seed(0)
-        model = OmniglotConvNet(5, generator=g)
-        batch = data(args.tasks, args.queries, g)
-        loop_step = step_fn("ours-loop-cg", model, batch)
+    g = torch.Generator().manual_seed(0)
+    model = OmniglotConvNet(5, generator=g)
+    batch = data(args.tasks, args.queries, g)
+    loop_step = step_fn("ours-loop-cg", copy.deepcopy(model), batch) if args.rounds else None
+    flops = step_flops(model, batch)
+    ours = flops["ours-loop-cg"]["gflop"]
+    if loop_step is not None:
         loop_step()  # warm-up
-    sweeps, loop_s = [], []
+    sweeps, rounds = [], []
     for _ in range(max(args.rounds, 1)):
         sweeps.append([r for n in BATCHES for r in conv_rate(n, args.repeats)])
+        rounds.append({"best_dense_conv_gflops_per_s": best_rate(sweeps[-1])})
         if loop_step is not None:
-            loop_s.append(seconds(loop_step))
+            t = seconds(loop_step)
+            rounds[-1] |= {
+                "ours_loop_s": t,
+                "ours_loop_fraction_of_best": ours / t / rounds[-1]["best_dense_conv_gflops_per_s"],
+            }
+    loop_s = [r["ours_loop_s"] for r in rounds if "ours_loop_s" in r]
     # each cell's median over the rounds
     layers = [
         {
@@ -218,16 +220,6 @@ def main(argv=None) -> int:
         for cells in zip(*sweeps, strict=True)
     ]
     best = best_rate(layers)
-    ours = flops["ours-loop-cg"]["gflop"]
-    rounds = [
-        {"best_dense_conv_gflops_per_s": best_rate(sweep)}
-        | (
-            {"ours_loop_s": t, "ours_loop_fraction_of_best": ours / t / best_rate(sweep)}
-            if loop_s
-            else {}
-        )
-        for sweep, t in zip(sweeps, loop_s or [None] * len(sweeps), strict=True)
-    ]
     relative = lambda path: os.path.relpath(path.resolve(), OUT.parent.parent)
     achieved = []
     for path in args.peers:
@@ -242,8 +234,12 @@ def main(argv=None) -> int:
             if "gflop" not in impl_flops:
                 continue
             malloc = r.get("malloc", "system")
-            row = {"peers": relative(path), "impl": r["impl"], "malloc": malloc}
-            row["median_s"] = r["median_s"]
+            row = {
+                "peers": relative(path),
+                "impl": r["impl"],
+                "malloc": malloc,
+                "median_s": r["median_s"],
+            }
             if loop_s and malloc in loop_in_peers:
                 # the peer run's time relative to its own loop, times the loop's time here:
                 # the implementation's time at this process's speed of the machine
@@ -256,27 +252,26 @@ def main(argv=None) -> int:
     # what our compiled step would have to reach for the CPU targets (5x the lean
     # TorchOpt, 3x our per-task loop), at the same speed of the machine as its rows
     targets = []
-    ours_rows = [
-        r for r in achieved if r["impl"].startswith("ours-") and r["impl"] != "ours-loop-cg"
-    ]
-    for r in ours_rows:
+    by_key = {(x["impl"], x["peers"], x["malloc"]): x for x in achieved}
+    for r in achieved:
+        if not r["impl"].startswith("ours-") or r["impl"] == "ours-loop-cg":
+            continue
         for ref, times in (("torchopt-cg", 5), ("ours-loop-cg", 3)):
-            for x in achieved:
-                if (x["impl"], x["peers"], x["malloc"]) != (ref, r["peers"], r["malloc"]):
-                    continue
-                needed = x.get("seconds_at_this_speed", x["median_s"]) / times
-                rate = flops["ours-loop-cg"]["gflop"] / needed
-                targets.append(
-                    {
-                        "target": f"{times}x {ref}",
-                        "for": r["impl"],
-                        "peers": r["peers"],
-                        "malloc": r["malloc"],
-                        "seconds": needed,
-                        "gflops_per_s": rate,
-                        "fraction_of_best": rate / best,
-                    }
-                )
+            x = by_key.get((ref, r["peers"], r["malloc"]))
+            if x is None:
+                continue
+            needed = x.get("seconds_at_this_speed", x["median_s"]) / times
+            targets.append(
+                {
+                    "target": f"{times}x {ref}",
+                    "for": r["impl"],
+                    "peers": r["peers"],
+                    "malloc": r["malloc"],
+                    "seconds": needed,
+                    "gflops_per_s": ours / needed,
+                    "fraction_of_best": ours / needed / best,
+                }
+            )
     payload = {
         "config": {**vars(args), "peers": [relative(p) for p in args.peers]},
         "step_flops": flops,
