@@ -9,7 +9,15 @@ import sys
 import warnings
 from dataclasses import fields
 
-from .config import PRESET_NOTES, PRESETS, RUNTIME_FIELDS, Config, ConfigError, from_preset
+from .config import (
+    PRESET_NOTES,
+    PRESETS,
+    RUNTIME_FIELDS,
+    Config,
+    ConfigError,
+    check_applies,
+    from_preset,
+)
 
 HELP = {
     "task": "task family: omniglot, miniimagenet or sinusoid",
@@ -39,6 +47,9 @@ HELP = {
     "hvp_mode": "Hessian-vector products: rev (reverse-over-reverse), fwd "
     "(forward-over-reverse), or auto (default: fwd where the meta-step runs as compiled "
     "pieces on CUDA, measured faster there; rev otherwise)",
+    "curvature": "curvature in the implicit system: hessian (the paper's I + H/λ) or ggn "
+    "(the generalised Gauss-Newton matrix G = JᵀH_ℓJ, positive semi-definite for "
+    "cross-entropy and squared error, so I + G/λ is positive definite and CG is sound)",
     "meta_batch": "tasks per meta-step (B)",
     "meta_steps": "outer (meta) steps in total",
     "outer_lr": "Adam learning rate of the outer loop",
@@ -285,6 +296,7 @@ def cmd_train(args) -> int:
         cfg = saved.replace(**{k: v for k, v in overrides.items() if k in RUNTIME_FIELDS})
     else:
         cfg = from_preset(preset, **overrides)
+        check_applies(cfg.algo, _overrides(args))  # a --config file may hold every field
     budget = None if args.time_budget is None else 60.0 * args.time_budget
     if budget is not None and budget <= 0:
         raise ConfigError(f"--time-budget must be > 0 minutes, got {args.time_budget}")
@@ -381,6 +393,7 @@ BENCHMARKS = (
     "gpu_step",
     "gpu_profile",
     "distributed_throughput",
+    "learning_speed",
 )
 
 

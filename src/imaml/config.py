@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 
 from .algorithms import ALGORITHMS, hyperparameter_names
 from .algorithms.imaml import piecewise_unsupported
-from .autodiff import HVP_MODES
+from .autodiff import CURVATURES, HVP_MODES
 from .inner import VARIANTS
 from .linalg import SOLVERS
 from .models import CONV_CHOICES
@@ -71,6 +71,7 @@ class Config:
     cg_damping: float = 0.0
     lam_damping: float = 0.0
     hvp_mode: str = "auto"  # auto | rev | fwd (auto: fwd for compiled pieces on CUDA, else rev)
+    curvature: str = "hessian"  # hessian | ggn: H or the Gauss–Newton matrix in I + H/λ
     learn_lam: str = "none"  # none | scalar | per_tensor (imaml)
     # outer loop
     meta_batch: int = 32
@@ -144,6 +145,7 @@ class Config:
             "lam_damping": self.lam_damping,
             # auto is reverse mode unless training compiles the pieces on CUDA (train.py)
             "hvp_mode": "rev" if self.hvp_mode == "auto" else self.hvp_mode,
+            "curvature": self.curvature,
             "batched": self.batched,
             "flat": {"auto": None, "on": True, "off": False}[self.flat],
             "task_chunk": self.task_chunk,
@@ -199,6 +201,25 @@ def _types(cfg: Config) -> None:
             raise ConfigError(f"{f.name} must be true or false, got {v!r}")
 
 
+# Options of iMAML's linear solve: given with another algorithm they would be ignored
+# without a word, so the command line refuses them (``check_applies``).
+IMPLICIT_ONLY = ("solver", "cg_steps", "cg_damping", "lam_damping", "curvature", "hvp_mode")
+
+
+def check_applies(algo: str, given: dict) -> None:
+    """ConfigError, in one line naming the clash, for an option ``given`` explicitly that
+    ``algo`` has no use for (saved configs keep every field, so this checks what a user
+    asked for, not a whole Config)."""
+    if algo == "imaml":
+        return
+    for name in IMPLICIT_ONLY:
+        if name in given:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} applies to imaml's implicit meta-gradient; "
+                f"{algo} has none (drop it or use --algo imaml)"
+            )
+
+
 def validate(cfg: Config) -> None:
     _types(cfg)
     _choice(cfg, "task", TASKS)
@@ -207,6 +228,7 @@ def validate(cfg: Config) -> None:
     _choice(cfg, "variant", VARIANTS)
     _choice(cfg, "solver", SOLVERS)
     _choice(cfg, "hvp_mode", ("auto", *HVP_MODES))
+    _choice(cfg, "curvature", CURVATURES)
     _choice(cfg, "learn_lam", ("none", "scalar", "per_tensor"))
     if cfg.learn_lam != "none" and cfg.algo != "imaml":
         raise ConfigError(f"learn_lam is an imaml option; {cfg.algo} has no λ to learn")

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value
 
-from .autodiff import in_transform, linearize_grad
+from .autodiff import in_transform, linearize_curvature
 from .linalg import SOLVERS, solve
 from .params import Params, check_same_structure
 
@@ -64,17 +64,20 @@ def solve_implicit(
     cg_damping: float = 0.0,
     lam_damping: float = 0.0,
     hvp_mode: str = "rev",
+    curvature: str = "hessian",
     with_loss: bool = False,
 ) -> tuple[Params, dict[str, Tensor], Params] | tuple[Params, dict[str, Tensor], Params, Tensor]:
     """The task meta-gradient g = Λ(H + Λ)⁻¹∇L(φ) (= (I + H/λ)⁻¹∇L(φ) for a scalar λ).
 
     For one λ_k per tensor it solves (I + SHS)·w = S·∇L with S = Λ^(−1/2) and returns
     g = S⁻¹w. Returns (g, solver diagnostics, ∇L̂(φ)), and L̂(φ) fourth with
-    ``with_loss`` (from the linearisation's own forward pass, not one more). No checks:
-    this is the hot path, run under vmap by the algorithms.
+    ``with_loss`` (from the linearisation's own forward pass, not one more).
+    ``curvature="ggn"`` puts the Gauss–Newton matrix G in place of H (``support_loss`` a
+    ``imaml.autodiff.SplitLoss``): I + G/λ is then positive definite. No checks: this is
+    the hot path, run under vmap by the algorithms.
     """
-    support_grad, hvp, support_value = linearize_grad(
-        support_loss, phi, mode=hvp_mode, with_value=True
+    support_grad, hvp, support_value = linearize_curvature(
+        support_loss, phi, curvature=curvature, mode=hvp_mode, with_value=True
     )
     A = implicit_operator(hvp, lam=lam, cg_damping=cg_damping, lam_damping=lam_damping)
     if isinstance(lam, Mapping):
@@ -121,6 +124,7 @@ def implicit_meta_grad(
     steps: int = 5,
     cg_damping: float = 0.0,
     lam_damping: float = 0.0,
+    curvature: str = "hessian",
 ) -> dict[str, Tensor]:
     """The iMAML task meta-gradient g ≈ (I + H/λ)⁻¹ ∇query_loss(φ), H = ∇²support_loss(φ).
 
@@ -128,7 +132,8 @@ def implicit_meta_grad(
     depends only on φ (not on how it was found). ``theta`` is checked to have the keys
     and shapes of ``phi``. ``solver`` is one of ``imaml.linalg.SOLVERS`` run for
     ``steps`` steps. With damping the operator is
-    (1 + cg_damping)·I + H/(λ + lam_damping).
+    (1 + cg_damping)·I + H/(λ + lam_damping). ``curvature="ggn"`` uses the Gauss–Newton
+    matrix in place of H; ``support_loss`` must then be an ``imaml.autodiff.SplitLoss``.
 
     Raises ValueError on λ ≤ 0, negative steps, an unknown solver, mismatched
     ``theta``/``phi`` or a non-finite loss.
@@ -150,5 +155,6 @@ def implicit_meta_grad(
         steps=steps,
         cg_damping=cg_damping,
         lam_damping=lam_damping,
+        curvature=curvature,
     )
     return g

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from ..autodiff import SplitLoss
 from ..inner import VARIANTS, adapt, proximal_objective
 from ..models import LOSSES
 from ..params import Params, detach, norm, ravel
@@ -155,9 +156,13 @@ class MetaAlgorithm:
         rest = {k: v for k, v in packed.items() if k != FLAT}
         return {**self._unravel(packed[FLAT]), **rest}
 
-    def loss_of(self, x: Tensor, y: Tensor) -> Callable[[Params], Tensor]:
-        """p ↦ L(p) on the data (x, y)."""
-        return lambda p: self.loss_and_metric(p, x, y)[0]
+    def loss_of(self, x: Tensor, y: Tensor) -> SplitLoss:
+        """p ↦ L(p) on the data (x, y), as the network's outputs and the loss on them (what
+        the Gauss–Newton curvature needs; called, the same as ``loss_and_metric``'s loss)."""
+        return SplitLoss(
+            lambda p: functional_call(self.model, self.unpack(p), (x,)),
+            lambda z: self._loss_fn(z, y)[0],
+        )
 
     @property
     def classification(self) -> bool:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value, vmap
 
-from ..autodiff import HVP_MODES, hvp
+from ..autodiff import CURVATURES, HVP_MODES, linearize_curvature
 from ..implicit import check_hyperparameters, implicit_operator, lam_gradient, solve_implicit
 from ..inner import inner_objective, proximal_gradient, pull_back
 from ..linalg import solve
@@ -65,7 +65,9 @@ class IMAML(MetaAlgorithm):
     meta-gradient is never backpropagated through it, so memory does not grow with
     ``inner_steps``. ``solver``/``cg_steps``/``cg_tol`` choose the linear solve of
     (I + H/λ)g = ∇L(φ); ``cg_damping``/``lam_damping`` give (1 + cg_damping)I +
-    H/(λ + lam_damping) (the authors' release: 1.0 and 10.0).
+    H/(λ + lam_damping) (the authors' release: 1.0 and 10.0). ``curvature="ggn"`` puts the
+    generalised Gauss–Newton matrix G = JᵀH_ℓJ of the support loss in place of H: positive
+    semi-definite for cross-entropy and squared error, so I + G/λ is positive definite.
 
     ``learn_lam="scalar"`` or ``"per_tensor"`` makes λ a meta-parameter, learned through
     log λ (``meta_parameters`` adds it, initialised at ``lam``) with the exact derivative
@@ -92,6 +94,7 @@ class IMAML(MetaAlgorithm):
         cg_damping: float = 0.0,
         lam_damping: float = 0.0,
         hvp_mode: str = "rev",
+        curvature: str = "hessian",
         learn_lam: str = "none",
         batched: bool = True,
         flat: bool | None = None,
@@ -118,6 +121,8 @@ class IMAML(MetaAlgorithm):
         _check_float("lam_damping", lam_damping, positive=False)
         if hvp_mode not in HVP_MODES:
             raise ValueError(f"unknown hvp_mode {hvp_mode!r}; choose one of {HVP_MODES}")
+        if curvature not in CURVATURES:
+            raise ValueError(f"unknown curvature {curvature!r}; choose one of {CURVATURES}")
         if learn_lam not in LEARN_LAM:
             raise ValueError(f"unknown learn_lam {learn_lam!r}; choose one of {LEARN_LAM}")
         if learn_lam != "none" and (cg_damping or lam_damping):
@@ -130,6 +135,7 @@ class IMAML(MetaAlgorithm):
         self.cg_damping = float(cg_damping)
         self.lam_damping = float(lam_damping)
         self.hvp_mode = hvp_mode
+        self.curvature = curvature
         self.learn_lam = learn_lam
 
     # -- λ as a meta-parameter ------------------------------------------------------
@@ -202,6 +208,7 @@ class IMAML(MetaAlgorithm):
             cg_damping=self.cg_damping,
             lam_damping=self.lam_damping,
             hvp_mode=self.hvp_mode,
+            curvature=self.curvature,
             with_loss=True,
         )
 
@@ -324,8 +331,11 @@ class IMAML(MetaAlgorithm):
         return v, q_loss, q_metrics, self._support_stats(theta, phi, support_grad, s_loss)
 
     def _piece_matvec(self, phi, sx, sy, u):
-        """u ↦ (I + H/λ)u (with the damping of ``implicit_operator``), H = ∇²L̂(φ)."""
-        H = lambda w: hvp(self.loss_of(sx, sy), phi, w, mode=self.hvp_mode)
+        """u ↦ (I + H/λ)u (with the damping of ``implicit_operator``), H = ∇²L̂(φ) (or the
+        Gauss–Newton matrix with ``curvature="ggn"``)."""
+        H = linearize_curvature(
+            self.loss_of(sx, sy), phi, curvature=self.curvature, mode=self.hvp_mode
+        )[1]
         A = implicit_operator(
             H, lam=self.lam, cg_damping=self.cg_damping, lam_damping=self.lam_damping
         )
@@ -416,5 +426,6 @@ class IMAML(MetaAlgorithm):
             "cg_damping": self.cg_damping,
             "lam_damping": self.lam_damping,
             "hvp_mode": self.hvp_mode,
+            "curvature": self.curvature,
             "learn_lam": self.learn_lam,
         }

@@ -1,0 +1,354 @@
+"""The learning-speed study: which configuration learns fastest per meta-step and per second.
+
+Trains configurations × seeds on omniglot-5w1s to fixed meta-steps (``--steps``, e.g.
+250,500,1000) and at each one scores the parameters on the same ``--val-tasks``
+validation tasks (held-out validation characters, one task stream for every run) twice:
+
+- ``val_acc``: the common evaluation, 16 plain gradient steps at the preset's inner step
+  size with λ = 0 (as the authors evaluate), the same for every configuration, so it
+  compares the learned θ alone;
+- ``val_acc_own``: the configuration's own inner loop (its λ, solver, steps).
+
+Each run lives in ``results/learning_speed/NAME-sSEED/`` (committed: ``last.pt`` carries
+it to the next session): the run folder of ``imaml train`` plus ``points.jsonl``, one
+line per scored step, written after both scores are in. A killed run resumes exactly from
+its last checkpoint; a step is scored once; ``report`` averages only scored steps.
+
+    python benchmarks/learning_speed.py run --configs imaml-paper-minres,fomaml --seeds 0 \\
+        --steps 250,500 --workers 2
+    python benchmarks/learning_speed.py report     # docs/results/learning_speed.{json,png}
+    python benchmarks/learning_speed.py list       # the configurations and what they set
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = Path(os.environ.get("LEARNING_SPEED_RUNS", ROOT / "results" / "learning_speed"))
+RESULTS = ROOT / "docs" / "results"
+PRESET = "omniglot-5w1s"
+VAL_SEED = 20_261_203  # one validation task stream for every configuration and seed
+COMMON_EVAL = {"lam": 0.0, "inner_steps": 16, "inner_lr": 0.1, "solver": "gd", "tol": 0.0}
+
+# iMAML's settings, pinned (they must not move when the preset's defaults move): the
+# paper's inner loop (proximal term in every step), MINRES on I + H/λ, λ = 2.
+_IMAML = dict(
+    algo="imaml",
+    lam=2.0,
+    variant="paper",
+    inner_solver="gd",
+    inner_steps=16,
+    inner_lr=0.1,
+    solver="minres",
+    curvature="hessian",
+    cg_steps=5,
+    cg_damping=0.0,
+    lam_damping=0.0,
+)
+_DAMPED = dict(solver="cg", cg_damping=1.0, lam_damping=10.0)  # 2I + H/12, the authors'
+CONFIGS: dict[str, dict] = {
+    "imaml-paper-minres": dict(_IMAML),
+    "imaml-paper-cg-damped": dict(_IMAML, **_DAMPED),
+    "imaml-authors": dict(_IMAML, variant="reference_code", **_DAMPED),
+    "imaml-ref-minres": dict(_IMAML, variant="reference_code"),
+    "imaml-paper-ggn": dict(_IMAML, curvature="ggn", solver="cg"),
+    "imaml-ref-ggn": dict(_IMAML, variant="reference_code", curvature="ggn", solver="cg"),
+    "imaml-paper-ggn-lam1": dict(_IMAML, curvature="ggn", solver="cg", lam=1.0),
+    "imaml-paper-ggn-lam0.5": dict(_IMAML, curvature="ggn", solver="cg", lam=0.5),
+    "imaml-paper-ggn-lam5": dict(_IMAML, curvature="ggn", solver="cg", lam=5.0),
+    "imaml-paper-minres-32steps": dict(_IMAML, inner_steps=32),
+    "imaml-hf": dict(_IMAML, inner_solver="newton_cg", inner_steps=5, inner_lr=1.0),
+    "fomaml": dict(algo="fomaml"),
+    "maml": dict(algo="maml"),
+    "reptile": dict(algo="reptile"),
+}
+
+
+def config_for(name: str, seed: int):
+    from imaml.config import from_preset
+
+    if name not in CONFIGS:
+        raise SystemExit(f"learning_speed: unknown configuration {name!r}; see 'list'")
+    return from_preset(
+        PRESET,
+        **CONFIGS[name],
+        seed=seed,
+        val_tasks=0,  # scored here, on the common task stream, not by training
+        compile="off",  # one code path for every configuration; no cold compilation
+        threads=1,
+        checkpoint_every=25,
+    )
+
+
+def is_default(name: str) -> bool:
+    """Whether configuration ``name`` is what the omniglot-5w1s preset trains today."""
+    from imaml.config import RUNTIME_FIELDS, from_preset
+
+    ours, preset = config_for(name, 0), from_preset(PRESET)
+    skip = set(RUNTIME_FIELDS) | {"seed", "val_tasks"}
+    value = lambda cfg, k: cfg.lam_value if k == "lam" else getattr(cfg, k)
+    return all(value(ours, k) == value(preset, k) for k in ours.to_dict() if k not in skip)
+
+
+def run_dir(name: str, seed: int) -> Path:
+    return RUNS / f"{name}-s{seed}"
+
+
+def read_points(folder: Path) -> list[dict]:
+    path = folder / "points.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut by a kill: that step is scored again
+    return out
+
+
+def score(folder: Path, overrides: dict | None) -> dict:
+    """Mean validation accuracy of the run's last parameters on the common task stream,
+    adapting with ``overrides`` (None: the configuration's own inner loop)."""
+    import torch
+
+    from imaml.algorithms import make_algorithm
+    from imaml.checkpoint import load_checkpoint
+    from imaml.config import Config
+    from imaml.data import make_task_families
+    from imaml.evaluate import evaluate
+
+    ckpt = load_checkpoint(folder / "last.pt")
+    cfg = Config.from_dict(ckpt["config"])
+    families, _ = make_task_families(cfg, progress=False)
+    model = families["train"].make_model()
+    alg = make_algorithm(
+        cfg.algo, model=model, loss=families["train"].loss, **cfg.algorithm_kwargs()
+    )
+    res = evaluate(
+        alg,
+        ckpt["params"],
+        families["val"],
+        num_tasks=ARGS.val_tasks,
+        generator=torch.Generator().manual_seed(VAL_SEED),
+        batch_size=cfg.meta_batch,
+        overrides=overrides or {},
+    )
+    return {**res, "step": ckpt["step"]}
+
+
+def train_to(name: str, seed: int, step: int) -> None:
+    """Train run (name, seed) until meta-step ``step`` (resuming where it stopped)."""
+    from imaml.train import meta_train
+
+    folder = run_dir(name, seed)
+    cfg = config_for(name, seed).replace(meta_steps=step)
+    resume = (folder / "last.pt").exists()
+    meta_train(cfg, folder, resume=resume, progress=False, final_test=False)
+
+
+def step_seconds(folder: Path, lo: int, hi: int) -> float:
+    """Median seconds per meta-step over steps (lo, hi] of the run's log."""
+    times = []
+    for line in (folder / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r.get("kind") == "train" and lo < r["step"] <= hi:
+            times.append(r["step_time"])
+    return statistics.median(times) if times else float("nan")
+
+
+def run_one(name: str, seed: int, steps: list[int]) -> None:
+    import torch
+
+    from imaml.machine import machine_info
+
+    torch.set_num_threads(1)
+    folder = run_dir(name, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    done = {p["step"] for p in read_points(folder)}
+    prev = 0
+    for step in sorted(steps):
+        if step in done:
+            prev = step
+            continue
+        t0 = time.perf_counter()
+        train_to(name, seed, step)
+        common = score(folder, COMMON_EVAL)
+        own = score(folder, None)
+        if common["step"] != step:
+            raise SystemExit(f"{folder}: last.pt is at step {common['step']}, not {step}")
+        record = {
+            "name": name,
+            "algo": CONFIGS[name].get("algo", "imaml"),
+            "is_default": is_default(name),
+            "seed": seed,
+            "step": step,
+            "val_acc": common["mean"],
+            "val_ci95": common["ci95"],
+            "val_acc_own": own["mean"],
+            "val_own_ci95": own["ci95"],
+            "val_tasks": common["tasks"],
+            "s_per_step": step_seconds(folder, prev, step),
+            "machine": {**machine_info(), "threads": 1},
+        }
+        kept = read_points(folder) + [record]  # a line cut by a kill is dropped here
+        tmp = folder / ".points.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, folder / "points.jsonl")
+        print(
+            f"{name} seed {seed} step {step}: common {100 * common['mean']:.1f}%, own "
+            f"{100 * own['mean']:.1f}% ({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
+        prev = step
+
+
+def cmd_run(args) -> None:
+    """Every (configuration, seed) to every step, ``--workers`` processes at a time, one
+    thread each; each run in a fresh process (``one``)."""
+    jobs = [(n, s) for n in args.configs.split(",") for s in args.seeds]
+    for name, _ in jobs:
+        config_for(name, 0)  # unknown names fail before anything starts
+    pending, running = list(jobs), []
+    RUNS.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    while pending or running:
+        while pending and len(running) < args.workers:
+            name, seed = pending.pop(0)
+            cmd = [
+                sys.executable,
+                __file__,
+                "one",
+                name,
+                str(seed),
+                "--steps",
+                args.steps,
+                "--val-tasks",
+                str(args.val_tasks),
+            ]
+            log = open(run_dir(name, seed).parent / f"{name}-s{seed}.log", "a")
+            running.append(
+                ((name, seed), subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+            )
+        time.sleep(2)
+        for job in [r for r in running if r[1].poll() is not None]:
+            running.remove(job)
+            print(f"{job[0][0]} seed {job[0][1]}: exit {job[1].returncode}", flush=True)
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    """Mean over seeds per (configuration, step), from scored steps only."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["name"], r["step"]), []).append(r)
+    rows = []
+    for (name, step), rs in sorted(groups.items()):
+        mean = lambda k: statistics.fmean(r[k] for r in rs)  # noqa: B023
+        rows.append(
+            {
+                "name": name,
+                "step": step,
+                "seeds": sorted(r["seed"] for r in rs),
+                "val_acc": mean("val_acc"),
+                "val_acc_own": mean("val_acc_own"),
+                "s_per_step": mean("s_per_step"),
+                "is_default": rs[0]["is_default"],
+            }
+        )
+    return rows
+
+
+def cmd_report(args) -> None:
+    records = []
+    for folder in sorted(RUNS.glob("*-s*")):
+        if folder.is_dir():
+            records += read_points(folder)
+    for r in records:  # today's default, whatever it was when the point was scored
+        r["is_default"] = r["name"] in CONFIGS and is_default(r["name"])
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    rows = summarise(records)
+    payload = {
+        "command": "python benchmarks/learning_speed.py report",
+        "preset": PRESET,
+        "common_eval": COMMON_EVAL,
+        "val_seed": VAL_SEED,
+        "configs": {n: CONFIGS[n] for n in sorted({r["name"] for r in records})},
+        "records": records,
+        "summary": rows,
+    }
+    (RESULTS / "learning_speed.json").write_text(json.dumps(payload, indent=1))
+    plot(rows, RESULTS / "learning_speed.png")
+    print(f"{'configuration':<28} {'step':>5} {'seeds':>6} {'common':>7} {'own':>7} {'s/step':>7}")
+    for r in rows:
+        print(
+            f"{r['name']:<28} {r['step']:>5} {len(r['seeds']):>6} {100 * r['val_acc']:>6.1f}% "
+            f"{100 * r['val_acc_own']:>6.1f}% {r['s_per_step']:>7.2f}"
+        )
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name in sorted({r["name"] for r in rows}):
+        rs = [r for r in rows if r["name"] == name]
+        steps = [r["step"] for r in rs]
+        secs = [r["step"] * r["s_per_step"] / 60 for r in rs]
+        acc = [100 * r["val_acc"] for r in rs]
+        style = "-" if rs[0]["name"] in ("fomaml", "maml", "reptile") else "--"
+        axes[0].plot(steps, acc, style, marker="o", label=name)
+        axes[1].plot(secs, acc, style, marker="o", label=name)
+    axes[0].set_xlabel("meta-steps")
+    axes[1].set_xlabel("minutes of training (1 thread)")
+    for ax in axes:
+        ax.set_ylabel("validation accuracy, common evaluation (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{PRESET}: learning speed (mean over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> None:
+    global ARGS
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="train and score configurations × seeds")
+    r.add_argument("--configs", required=True, help="comma-separated names (see 'list')")
+    r.add_argument("--seeds", type=int, nargs="+", default=[0])
+    r.add_argument("--workers", type=int, default=2, help="processes at a time, 1 thread each")
+    o = sub.add_parser("one", help="one run (what 'run' starts)")
+    o.add_argument("name")
+    o.add_argument("seed", type=int)
+    for q in (r, o):
+        q.add_argument("--steps", default="250,500,1000", help="comma-separated meta-steps")
+        q.add_argument("--val-tasks", type=int, default=600)
+    sub.add_parser("report", help="write docs/results/learning_speed.{json,png}")
+    sub.add_parser("list", help="the configurations")
+    ARGS = p.parse_args(argv)
+    if ARGS.cmd == "run":
+        cmd_run(ARGS)
+    elif ARGS.cmd == "one":
+        run_one(ARGS.name, ARGS.seed, [int(s) for s in ARGS.steps.split(",")])
+    elif ARGS.cmd == "report":
+        cmd_report(ARGS)
+    else:
+        for name, values in CONFIGS.items():
+            print(f"{name}: {values}")
+
+
+ARGS = None
+
+if __name__ == "__main__":
+    main()
