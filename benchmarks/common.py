@@ -11,7 +11,7 @@ import time
 
 import torch
 
-OUT = pathlib.Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
+OUT = pathlib.Path(__file__).resolve().parents[1] / "docs" / "results"
 
 
 def timeit(fn, *, repeats: int, warmup: int = 1) -> dict:

@@ -5,7 +5,7 @@ runs are compared on training compute. The summary records, per run, the steps d
 the median seconds per meta-step, the best validation score and the 600-task test
 result if ``eval-600.json`` (or ``eval.json``) is present.
 
-    python benchmarks/compare_runs.py NAME RUN_DIR [RUN_DIR ...]   # writes docs/benchmarks/NAME.{json,png}
+    python benchmarks/compare_runs.py NAME RUN_DIR [RUN_DIR ...]   # writes docs/results/NAME.{json,png}
 """
 
 from __future__ import annotations

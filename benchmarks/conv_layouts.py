@@ -22,7 +22,7 @@ vmap's convolutions run channels-last from the first layer on (``channels_last_p
 the math is the same), and with the query gradient alone in a per-task loop
 (``query_looped_step``). Freed memory is kept (``imaml.keep_freed_memory``), as
 ``imaml train`` does on the CPU.
-Writes docs/benchmarks/conv_layouts.{json,png}.
+Writes docs/results/conv_layouts.{json,png}.
 
     python benchmarks/conv_layouts.py [--repeats 15] [--tasks 32]
 """

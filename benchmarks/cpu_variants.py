@@ -47,7 +47,7 @@ own empty inductor cache; not in the default set):
   and solve before the next, so that its tensors stay in the CPU's caches.
 
 For each: median seconds per meta-step, peak RSS, and the relative distance of the
-mean meta-gradient to the float64 one. Writes docs/benchmarks/cpu_variants.{json,png}.
+mean meta-gradient to the float64 one. Writes docs/results/cpu_variants.{json,png}.
 ``--interleave`` times the variants in one process instead, one step of each per round
 (``run_interleaved``): fresh processes one after another also measure the machine's
 drift over minutes.

@@ -6,7 +6,7 @@ all-reduce), the first two steps left out (the first is the compilation under
 ``--compile pieces``, reported apart as ``first_step_s``). 1 process uses 2 threads; 2
 processes use 1 thread each (never more threads than cores). Each configuration runs
 uncompiled and with compiled pieces (``--compiles``), each from an empty inductor cache.
-Writes docs/benchmarks/distributed_throughput.json.
+Writes docs/results/distributed_throughput.json.
 
     python benchmarks/distributed_throughput.py [--steps 20] [--compiles off,pieces]
 """

@@ -4,7 +4,7 @@ Linear regression with a chosen condition number (``imaml.data.linear``), so tha
 exact meta-gradient d/dθ L(φ*(θ)) is known in closed form. Relative error of the mean
 meta-gradient over 16 tasks for MAML (backprop through the k GD steps on the proximal
 objective), FOMAML, iMAML with CG for 1, 2, 5, 10 steps, and iMAML with MINRES 5 steps.
-float64. Writes docs/benchmarks/fig2a_accuracy.json and .png.
+float64. Writes docs/results/fig2a_accuracy.json and .png.
 
     python benchmarks/fig2a_accuracy.py [--kappa 1000] [--lam 0.1] [--dim 20]
 """

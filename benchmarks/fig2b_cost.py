@@ -4,7 +4,7 @@ Omniglot 20-way 5-shot network, iMAML (5 MINRES steps), MAML and FOMAML, inner s
 1, 5, 10, 20, 40, 80. Each point runs in a fresh process: one warm-up meta-step, then
 the median of ``--repeats``; memory is the process's peak RSS (CPU) or
 ``torch.cuda.max_memory_allocated`` (GPU). A method stops growing its step count once a
-point takes longer than ``--time-cap`` seconds or does not fit in ``--memory-gib``. Writes docs/benchmarks/fig2b_cost.json
+point takes longer than ``--time-cap`` seconds or does not fit in ``--memory-gib``. Writes docs/results/fig2b_cost.json
 and .png (CPU: meta-batch 4 by default; the paper's figure used a GPU).
 
     python benchmarks/fig2b_cost.py [--meta-batch 4] [--time-cap 60] [--device cpu]

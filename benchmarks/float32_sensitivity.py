@@ -14,7 +14,7 @@ The compiled variants' distances (benchmarks/cpu_variants.py) are to be read aga
 these: a change of θ far below one outer step (Adam moves θ by ~1e-3) already moves the
 meta-gradient by percents, because the inner loop's ReLU and BatchNorm kinks and 5 solver
 steps on an often indefinite I + H/λ make it a rough function of θ.
-Writes docs/benchmarks/float32_sensitivity{,_SOLVER}.json.
+Writes docs/results/float32_sensitivity{,_SOLVER}.json.
 
     python benchmarks/float32_sensitivity.py [--solver minres|cg]
 """

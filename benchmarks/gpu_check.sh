@@ -12,7 +12,7 @@
 # TRAIN_ARGS="--compile off" trains with the eager graph as the earlier loans did. Without the compile stage: 400 s on an
 # H100 with 220 s of training (2026-11-26). Every stage has its own time limit, so one
 # failing stage does not cost the others. Results go to $OUT (default
-# docs/benchmarks/gpu): log.txt, gpu_step.json, fig2b_cost_cuda.{json,png}, eval-600.json,
+# docs/results/gpu): log.txt, gpu_step.json, fig2b_cost_cuda.{json,png}, eval-600.json,
 # eval-600-lam0.json,
 # run.tar.gz (config, metrics.jsonl, learning curve; no checkpoints).
 #
@@ -61,7 +61,7 @@
 #   S=$(date +%s); STAGES="device tests compile train" COMPILE_S=260 \
 #   COMPILE_MODES="pieces-solve pieces" STEP_ARGS="--repeats 20 --compile-hvp fwd" \
 #   TRAIN_ARGS="--hvp-mode fwd" bash benchmarks/gpu_check.sh 110; STAGES=compile \
-#   COMPILE_S=$((585 - $(date +%s) + S)) OUT=${OUT:-docs/benchmarks/gpu}/cl \
+#   COMPILE_S=$((585 - $(date +%s) + S)) OUT=${OUT:-docs/results/gpu}/cl \
 #   STEP_ARGS="--repeats 20 --compile-hvp fwd --compile-layout channels-last" \
 #   bash benchmarks/gpu_check.sh
 # or what the training loop adds to the compiled pieces, reading each step in order and
@@ -80,7 +80,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-OUT=${OUT:-docs/benchmarks/gpu}
+OUT=${OUT:-docs/results/gpu}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY=$(command -v "${PYTHON:-python3}")

@@ -16,7 +16,7 @@ compiled step; only the default cuDNN settings are timed, as the compiled progra
 built once) and ``--hvp-mode fwd`` forward-over-reverse products; both name the files too
 (``profile_cuda_pieces_hvp-fwd.txt``).
 
-    python benchmarks/gpu_profile.py [--out docs/benchmarks/gpu] [--conv native]
+    python benchmarks/gpu_profile.py [--out docs/results/gpu] [--conv native]
         [--compile off|pieces|step] [--hvp-mode rev|fwd]
 """
 

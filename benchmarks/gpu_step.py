@@ -45,7 +45,7 @@ rows come once per convolution choice; ``--no-reference`` skips them, ``--graph-
 skips the rows without the graph): benchmarks/gpu_check.sh's race stage.
 Writes gpu_step_compiled.json.
 
-    python benchmarks/gpu_step.py [--repeats 20] [--out docs/benchmarks/gpu] [--compile pieces]
+    python benchmarks/gpu_step.py [--repeats 20] [--out docs/results/gpu] [--compile pieces]
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 For one task (5 images) and for T tasks under vmap, time (a) one HVP from scratch and
 (b) the meta-gradient solve's pattern: the gradient once, then 5 HVPs at the same point
 (reverse mode linearises once and reuses the graph). float32, the machine's threads.
-Writes docs/benchmarks/hvp_modes.json.
+Writes docs/results/hvp_modes.json.
 
     python benchmarks/hvp_modes.py [--repeats 10] [--tasks 1 8 32]
 """

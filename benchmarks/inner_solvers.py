@@ -4,7 +4,7 @@ For each solver: inner iterations to reach ‖∇G(φ)‖ ≤ 1e-3 (mean and max
 measured batched with per-task stopping masks), seconds per iMAML meta-step when run
 for that many iterations (max over tasks; 5 MINRES steps), and the peak memory (RSS) of
 a fresh process doing one meta-step with 1 and with 100 inner iterations.
-Writes docs/benchmarks/inner_solvers.json.
+Writes docs/results/inner_solvers.json.
 
     python benchmarks/inner_solvers.py [--tol 1e-3] [--cap 500] [--repeats 3]
 """

@@ -6,7 +6,7 @@ writes it (a ``torchopt.sgd`` inner optimiser, CG on the normal equations); see
 ``torchopt_meta_step`` and ``torchopt_example_meta_step``.
 
 omniglot-5w1s network, meta-batch 32, 16 inner GD steps (lr 0.1), λ = 2, 5 CG steps, 15
-query images per class (as in MEASURED.md's peer table). Every implementation runs in a
+query images per class (as in docs/notebook/prototypes.md's peer table). Every implementation runs in a
 fresh process (so peak RSS is its own): one warm-up meta-step, then the median of
 ``--repeats``. Ours is run with CG (TorchOpt's solver) and with MINRES (our default),
 with CG vmapped over 8 tasks at a time (``task_chunk=8``, bounding memory), and with CG
@@ -18,7 +18,7 @@ as ``first_call_s``; every run starts from an empty inductor cache.
 Every implementation runs under glibc's default allocator (``system``, as TorchOpt's users
 run it) and with freed memory kept for reuse (``keep``, ``imaml.keep_freed_memory``, what
 ``imaml train`` does on the CPU); each row records its minor page faults per meta-step.
-Writes docs/benchmarks/peers.json; needs ``pip install -e .[bench]`` for TorchOpt.
+Writes docs/results/peers.json; needs ``pip install -e .[bench]`` for TorchOpt.
 
 ``--interleave`` times the implementations in one process instead, one step of each per
 round, alternating the order (``run_interleaved``): on a machine whose speed drifts over
@@ -304,21 +304,21 @@ def main(argv=None) -> int:
     ap.add_argument("--queries", type=int, default=15)
     ap.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of IMPLS")
     ap.add_argument("--mallocs", default=",".join(MALLOCS), help="system, keep or both")
-    ap.add_argument("--name", default="peers", help="output docs/benchmarks/NAME.json")
+    ap.add_argument("--name", default="peers", help="output docs/results/NAME.json")
     ap.add_argument("--impl", choices=IMPLS, help=argparse.SUPPRESS)
     ap.add_argument("--malloc", choices=MALLOCS, default="system", help=argparse.SUPPRESS)
     ap.add_argument(
         "--float64",
         action="store_true",
         help="instead of timing, check the rows' meta-gradients against the converged one in "
-        "float64 (2 tasks, 3 query images per class); writes docs/benchmarks/NAME_float64.json",
+        "float64 (2 tasks, 3 query images per class); writes docs/results/NAME_float64.json",
     )
     ap.add_argument(
         "--interleave",
         action="store_true",
         help="time the implementations in one process, their steps alternating round by "
         "round, under the one allocator of --mallocs (speed ratios that hold on a machine "
-        "whose speed drifts; no memory figures); writes docs/benchmarks/NAME.json",
+        "whose speed drifts; no memory figures); writes docs/results/NAME.json",
     )
     args = ap.parse_args(argv)
     if args.float64:

@@ -4,7 +4,7 @@ omniglot-5w1s network, meta-batch 32, 16 inner GD steps, 5 MINRES steps, CPU, wi
 memory kept for reuse as ``imaml train`` does (``--malloc system``: glibc's defaults).
 ``--compile`` profiles the ``torch.compile``d step instead, with inductor's per-kernel
 profiling on, so its fused kernels appear by name (the compilation, minutes, is not
-profiled). Writes docs/benchmarks/profile_cpu.txt (``--compile``: profile_cpu_compiled.txt).
+profiled). Writes docs/results/profile_cpu.txt (``--compile``: profile_cpu_compiled.txt).
 
     python benchmarks/profile_step.py [--rows 25] [--compile] [--malloc keep|system]
 """

@@ -14,7 +14,7 @@ For each number of query images per class (5-way, so 5× that per task), each of
 medians and quartiles; the two agree to float32 rounding (checked). Fresh processes,
 because the per-task program's speed differs from one process to the next on this
 machine (it runs 32 times as many, smaller, parallel regions). Freed memory is kept, as
-``imaml train`` does. Writes docs/benchmarks/query_per_task.{json,png}.
+``imaml train`` does. Writes docs/results/query_per_task.{json,png}.
 
     python benchmarks/query_per_task.py [--queries 1 2 3 4 5 6 8 10 15] [--processes 2]
         [--repeats 25]

@@ -1,4 +1,4 @@
-"""Print the README's results tables (markdown) from the JSON files in docs/benchmarks/.
+"""Print the README's results tables (markdown) from the JSON files in docs/results/.
 
 python benchmarks/readme_tables.py > /tmp/tables.md
 """

@@ -19,7 +19,7 @@ its share of the operations, is the best rate for the step's convolutions; the s
 operations divided by it is a floor on its time that an implementation of the same
 arithmetic does not go under on this machine (element-wise work, batch normalisation and
 the solver's vector arithmetic come on top). The achieved rates come from the measured
-times of peers.py results (``--peers``, docs/benchmarks/peers.json by default; files of
+times of peers.py results (``--peers``, docs/results/peers.json by default; files of
 ``--interleave`` runs work too).
 
 On a machine whose speed drifts over minutes, a peer run and this run measure different
@@ -27,7 +27,7 @@ moments of it. ``--rounds N`` measures the dense rates N times, each followed by
 step of our per-task loop (eager, as peers.py's ``ours-loop-cg`` runs it), and puts every
 peer row at this run's speed: its time relative to the loop of its own run (ratios that
 hold while the machine drifts) times the loop's time here. Writes
-docs/benchmarks/NAME.{json,png} (``--name``, roofline by default).
+docs/results/NAME.{json,png} (``--name``, roofline by default).
 
     python benchmarks/roofline.py [--repeats 10] [--rounds N] [--peers PATH ...] [--name NAME]
 """
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
         default=[OUT / "peers.json"],
         help="peers.py results whose measured times the achieved rates are computed from",
     )
-    ap.add_argument("--name", default="roofline", help="output name under docs/benchmarks/")
+    ap.add_argument("--name", default="roofline", help="output name under docs/results/")
     ap.add_argument(
         "--rounds",
         type=int,

@@ -4,7 +4,7 @@ For several freshly initialised copies of the paper's Omniglot network (narrowed
 ``--channels`` so that I + H/λ can be formed densely), after 16 inner GD steps on a
 5-way 1-shot task with λ = 2, compare cg / minres / neumann at 1..50 steps with the
 exact solution of (I + H/λ)x = ∇L(φ). float64. Writes
-docs/benchmarks/solver_accuracy_<data>.json and .png.
+docs/results/solver_accuracy_<data>.json and .png.
 
     python benchmarks/solver_accuracy.py [--seeds 6] [--channels 8] [--data random|omniglot]
 """
@@ -26,7 +26,7 @@ from imaml.linalg import dense_matrix
 from imaml.models import OmniglotConvNet
 from imaml.params import ravel
 
-OUT = pathlib.Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
+OUT = pathlib.Path(__file__).resolve().parents[1] / "docs" / "results"
 STEPS = [1, 2, 5, 10, 20, 50]
 
 

@@ -2,7 +2,7 @@
 
 Sinusoid (MLP 1→40→40→1, 10-shot, 5 inner steps) for every algorithm, and the Omniglot
 5-way 1-shot network (16 inner steps, 5 solver steps) for iMAML; meta-batch 32, float32,
-the machine's threads. Writes docs/benchmarks/vmap_vs_loop.json.
+the machine's threads. Writes docs/results/vmap_vs_loop.json.
 
     python benchmarks/vmap_vs_loop.py [--repeats 5] [--skip-omniglot]
 """

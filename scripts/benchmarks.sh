@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every CPU benchmark, one after the other (never two at once on 2 cores), then the
-# README's training comparisons. Results land in docs/benchmarks/.
+# README's training comparisons. Results land in docs/results/.
 set -euo pipefail
 cd "$(dirname "$0")/../benchmarks"
 PY=../.venv/bin/python

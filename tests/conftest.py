@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-# Two cores, threads set deliberately (MEASURED.md: oversubscription is 50-100x slower):
+# Two cores, threads set deliberately (docs/notebook/prototypes.md: oversubscription is 50-100x slower):
 # one process with two threads, or, under pytest-xdist (scripts/test.sh runs two workers),
 # one thread per worker, and for the processes the tests start.
 if os.environ.get("PYTEST_XDIST_WORKER") and "IMAML_TEST_THREADS" not in os.environ:

@@ -43,7 +43,7 @@ def test_hvp_matches_dense_hessian(problem, mode):
 
 
 def test_dense_reference_agrees_with_finite_differences():
-    """The reference itself is checked once (MEASURED.md: torch.func.hessian is 1.8% off here)."""
+    """The reference itself is checked once (docs/notebook/prototypes.md: torch.func.hessian is 1.8% off here)."""
     f, p = conv_problem()
     flat, unravel = ravel(p)
     H = dense_hessian(f, p)

@@ -235,15 +235,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="List every preset with the values it sets.",
     )
 
-    bench = sub.add_parser(
-        "bench",
-        help="run a benchmark script (writes JSON/PNG into docs/benchmarks/)",
-        description="Run benchmarks/NAME.py from a source checkout; extra arguments go to the script. "
-        f"Names: {', '.join(BENCHMARKS)}.",
-    )
-    bench.add_argument("name", metavar="NAME", help="benchmark to run")
-    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
-
     pl = sub.add_parser(
         "plot",
         help="redraw a run's learning curve",
@@ -375,42 +366,6 @@ def cmd_presets(args) -> int:
     return 0
 
 
-BENCHMARKS = (
-    "solver_accuracy",
-    "vmap_vs_loop",
-    "hvp_modes",
-    "inner_solvers",
-    "fig2a_accuracy",
-    "fig2b_cost",
-    "peers",
-    "roofline",
-    "conv_layouts",
-    "profile_step",
-    "cpu_variants",
-    "query_per_task",
-    "float32_sensitivity",
-    "train_overhead",
-    "gpu_step",
-    "gpu_profile",
-    "distributed_throughput",
-    "learning_speed",
-)
-
-
-def cmd_bench(args) -> int:
-    import subprocess
-    from pathlib import Path
-
-    if args.name not in BENCHMARKS:
-        raise ConfigError(f"unknown benchmark {args.name!r}; choose one of {', '.join(BENCHMARKS)}")
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / f"{args.name}.py"
-    if not script.exists():
-        raise FileNotFoundError(
-            f"{script} not found: 'imaml bench' needs a source checkout of imaml"
-        )
-    return subprocess.call([sys.executable, str(script), *args.args], cwd=script.parent)
-
-
 def cmd_plot(args) -> int:
     from .plot import plot_run
 
@@ -437,7 +392,6 @@ def main(argv=None) -> int:
         "eval": cmd_eval,
         "presets": cmd_presets,
         "plot": cmd_plot,
-        "bench": cmd_bench,
     }[args.command]
     try:
         return handler(args)

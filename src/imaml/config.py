@@ -288,7 +288,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"compile pieces does not support {why}; use --compile step")
 
 
-# The paper's iMAML-GD settings (PAPER.md); each field can be overridden.
+# The paper's iMAML-GD settings (docs/paper.md); each field can be overridden.
 _OMNIGLOT = dict(
     task="omniglot",
     inner_lr=0.1,

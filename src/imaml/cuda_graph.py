@@ -71,7 +71,7 @@ COMPILE = ("off", "step", "pieces")  # torch.compile: not at all, the whole step
 # device type (2026-11-27, omniglot-5w1s): on an H200 they cut the step from 32 to
 # 15.7-17.6 ms and compile in 43-84 s, repaid after ~3,000-6,000 steps; on 2 CPU cores
 # training steps took 0.92 instead of 1.16 s after a 65 s compile, repaid after ~270 steps
-# (docs/benchmarks/train_pieces_vs_eager_cpu.json); with the solve piece (below) 0.91
+# (docs/results/train_pieces_vs_eager_cpu.json); with the solve piece (below) 0.91
 # against 1.29 s eager on another day, after ~170 s of compilation: repaid after ~450 steps
 # (train_solve_vs_eager_cpu.json)
 AUTO_COMPILE_MIN_STEPS = {"cuda": 5000, "cpu": 1000}
@@ -79,32 +79,32 @@ AUTO_COMPILE_MIN_STEPS = {"cuda": 5000, "cpu": 1000}
 # out channels-last (oneDNN), and the batch normalisations between them then reduce down
 # columns 2,048 floats apart (vmap's tasks × channels): the query pass's backward alone took
 # ~100 ms. Plain NCHW took 4-9% less time per step at the peer setting and 8-16% less at
-# the preset's (docs/benchmarks/cpu_pieces_layout{,_q1}.json and ad hoc pairs). On an AMD
+# the preset's (docs/results/cpu_pieces_layout{,_q1}.json and ad hoc pairs). On an AMD
 # EPYC (Zen 3, AVX2) channels-last took 1.15x the time, round by round in one process
-# (docs/benchmarks/cpu_variants_amd_epyc_interleaved.json).
+# (docs/results/cpu_variants_amd_epyc_interleaved.json).
 CPU_PIECES_OPTIONS = {"layout_optimization": False}
 # inductor options for compile="pieces" on CUDA: no persistent reductions. With them Triton
 # (3.6, PyTorch 2.11) failed to compile the solve piece's fused MINRES update, a persistent
 # reduction ("PassManager::run failed" in make_ttgir); with them off it compiles, and
 # turning off inductor's mix-order reductions instead did not help (H200, 2026-11-27,
-# docs/benchmarks/gpu/race1_*_h200)
+# docs/results/gpu/race1_*_h200)
 CUDA_PIECES_OPTIONS = {"triton.persistent_reductions": False}
 # compile="pieces" on the CPU compiles the linear solve as one piece (IMAML.pieces'
 # solve_piece): the support gradient linearised once per task instead of recomputed at
 # each solver step. Interleaved in one process (2026-11-27, 2 cores, freed memory kept):
 # 0.786 against 0.859 s per step at omniglot-5w1s, 1.105 against 1.193 s at the peer
-# setting, for 170 instead of 52-62 s of compilation (docs/benchmarks/cpu_pieces_solve*).
+# setting, for 170 instead of 52-62 s of compilation (docs/results/cpu_pieces_solve*).
 # On CUDA too, with CUDA_PIECES_OPTIONS (Triton failed to compile the piece with inductor's
 # defaults): on an H200 the omniglot-5w1s meta-step took 15.2 and 15.3 ms against 15.6 ms
 # with one compiled product per solver step (two processes, 2026-11-27), and training
-# 15.1 ms per step against 15.9 (docs/benchmarks/gpu/race{1,2}_*_h200*, run_h200_solve_*).
+# 15.1 ms per step against 15.9 (docs/results/gpu/race{1,2}_*_h200*, run_h200_solve_*).
 SOLVE_PIECE = {"cpu": True, "cuda": True}
 # on the solve path, the query gradient of a convolutional network runs task by task (a
 # one-task compiled program called per task, IMAML.pieces' query_per_task) from this many
 # query examples per task on, per device type. Under vmap each convolution is one grouped
 # convolution over the tasks, which oneDNN runs slower than a dense one per task once a
 # task has enough images (2 CPU cores, omniglot network, 32 tasks, compiled, 2026-11-27,
-# docs/benchmarks/query_per_task.json: 214-251 against 307-314 ms at 75 query images per
+# docs/results/query_per_task.json: 214-251 against 307-314 ms at 75 query images per
 # task, 156-168 against 209-212 ms at 50, 72-75 against 81-84 ms at 20, equal at 15,
 # slower below). The per-task program is slower in some processes than in others: in ad
 # hoc runs 3 of 10 processes at 25-30 images ran it 11-29% slower than vmap, and from 40

@@ -24,7 +24,7 @@ cuDNN's grouped convolutions transpose to NHWC and back around every call and
 nevertheless slower with it, 20.0 ms (18.4 with the first layer only) against 15.6 ms
 native (its products in full float32, cuDNN's in TF32; benchmarks/gpu_step.py
 ``--compile-conv slices``, README), and on 2 CPU cores 1.45 against 1.09 s at the peer
-setting (docs/benchmarks/cpu_slices.json).
+setting (docs/results/cpu_slices.json).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 
 def _init_paper_(module: nn.Module, generator: torch.Generator | None) -> None:
-    """Xavier-uniform weights with gain 1.73 and biases uniform in [0, 0.05] (PAPER.md)."""
+    """Xavier-uniform weights with gain 1.73 and biases uniform in [0, 0.05] (docs/paper.md)."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d | nn.Linear):
             fan_out = m.weight.shape[0] * math.prod(m.weight.shape[2:])

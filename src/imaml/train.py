@@ -57,7 +57,7 @@ def setup_runtime(cfg: Config) -> tuple[torch.device, torch.dtype]:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     if device.type == "cpu":
-        torch.set_flush_denormal(True)  # subnormal floats slowed some CPU runs 5-20× (MEASURED.md)
+        torch.set_flush_denormal(True)  # subnormal floats slowed some CPU runs 5-20× (docs/notebook/prototypes.md)
         if cfg.cpu_malloc == "keep":
             keep_freed_memory()  # no page faults for the same big tensors every step
     return device, getattr(torch, cfg.dtype)

@@ -365,7 +365,7 @@ class OmniglotTasks:
     """N-way K-shot episodes with Q query drawings per class from one split.
 
     Each episode: N distinct characters, each given a random rotation in {0°, 90°, 180°,
-    270°} (PAPER.md; a rotated character is a new class); per character K + Q distinct
+    270°} (docs/paper.md; a rotated character is a new class); per character K + Q distinct
     drawings, the first K to the support set, the rest to the query set; labels are the
     position of the character in the episode (0..N−1, a random assignment). Images are
     float in [0, 1], shape (N·K, 1, 28, 28) per task, ordered by label.
