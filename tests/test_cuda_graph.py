@@ -37,7 +37,7 @@ CASES = [
     ("imaml", {}),
     ("imaml", {"flat": True}),
     ("imaml", {"solver": "cg", "flat": True}),
-    ("imaml", {"solver": "neumann"}),
+    ("imaml", {"solver": "neumann", "lam": 50.0}),  # λ where the series converges
     ("imaml", {"learn_lam": "scalar"}),
     ("imaml", {"learn_lam": "per_tensor"}),
     ("imaml", {"inner_solver": "momentum", "inner_tol": 1e-3}),

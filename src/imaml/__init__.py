@@ -2,7 +2,7 @@
 
 from .algorithms import ALGORITHMS, MetaAlgorithm, TaskBatch, make_algorithm
 from .autodiff import hvp, linearize_grad
-from .implicit import implicit_meta_grad, implicit_operator
+from .implicit import adapt_implicit, implicit_meta_grad, implicit_operator
 from .inner import adapt
 from .linalg import cg, exact, minres, neumann, solve
 from .malloc import keep_freed_memory
@@ -14,6 +14,7 @@ __all__ = [
     "MetaAlgorithm",
     "TaskBatch",
     "adapt",
+    "adapt_implicit",
     "cg",
     "exact",
     "hvp",

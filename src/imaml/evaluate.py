@@ -13,7 +13,7 @@ from torch.func import vmap
 
 from .algorithms.base import MetaAlgorithm
 from .distributed import gather_tasks
-from .params import Params, detach
+from .params import Params
 
 
 def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
@@ -27,14 +27,14 @@ def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
 
 def task_scores(alg: MetaAlgorithm, params: Params, batch, *, overrides: dict) -> torch.Tensor:
     """Per-task query score (accuracy for classification, else the loss) after adaptation."""
-    theta = alg.pack(detach(params))
+    theta = alg.pack(alg.trainable(params))
 
     def one(sx, sy, qx, qy):
         phi = alg.adapt(theta, sx, sy, **overrides)
         loss, metric = alg.loss_and_metric(phi, qx, qy)
         return loss if metric is None else metric
 
-    return vmap(one)(*batch)
+    return vmap(one, randomness="different")(*batch)
 
 
 def evaluate(

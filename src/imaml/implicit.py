@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value
 
-from .autodiff import in_transform, linearize_curvature
+from .autodiff import CURVATURES, in_transform, linearize_curvature
+from .inner import adapt, proximal_objective
 from .linalg import SOLVERS, solve
 from .params import Params, check_same_structure
 
@@ -125,7 +126,8 @@ def implicit_meta_grad(
     cg_damping: float = 0.0,
     lam_damping: float = 0.0,
     curvature: str = "hessian",
-) -> dict[str, Tensor]:
+    return_stats: bool = False,
+) -> dict[str, Tensor] | tuple[dict[str, Tensor], dict[str, Tensor]]:
     """The iMAML task meta-gradient g ≈ (I + H/λ)⁻¹ ∇query_loss(φ), H = ∇²support_loss(φ).
 
     ``phi`` should approximately minimise support_loss(φ) + (λ/2)‖φ − θ‖²; the result
@@ -134,6 +136,10 @@ def implicit_meta_grad(
     ``steps`` steps. With damping the operator is
     (1 + cg_damping)·I + H/(λ + lam_damping). ``curvature="ggn"`` uses the Gauss–Newton
     matrix in place of H; ``support_loss`` must then be an ``imaml.autodiff.SplitLoss``.
+
+    ``return_stats=True`` returns (g, stats) with the solver's ``iterations``,
+    ``residual`` (‖b − A·g‖/‖b‖), ``negative_curvature`` and ``diverged``: a truncated,
+    indefinite or runaway solve is visible.
 
     Raises ValueError on λ ≤ 0, negative steps, an unknown solver, mismatched
     ``theta``/``phi`` or a non-finite loss.
@@ -146,7 +152,7 @@ def implicit_meta_grad(
     for name, value in (("query_loss", query_value), ("support_loss", support_value)):
         if not in_transform(value) and not bool(torch.isfinite(value).all()):
             raise ValueError(f"{name}(phi) is not finite ({value.item()}); check inputs and φ")
-    g, _, _ = solve_implicit(
+    g, info, _ = solve_implicit(
         support_loss,
         query_grad,
         phi,
@@ -157,4 +163,99 @@ def implicit_meta_grad(
         lam_damping=lam_damping,
         curvature=curvature,
     )
-    return g
+    return (g, info) if return_stats else g
+
+
+class _ImplicitVJP(torch.autograd.Function):
+    """Zero in the forward pass; in the backward pass u ↦ −(H + λI)⁻¹u, by ``solve_fn``.
+
+    ``adapt_implicit`` adds it, applied to r = ∇_φG(φ*; θ, …), to φ*: the value stays
+    φ*, and the chain rule through r gives the implicit function theorem's
+    dφ*/dψ = −(H + λI)⁻¹ ∂r/∂ψ for every tensor ψ that r depends on (θ, λ, and any
+    meta-parameter the support loss closes over)."""
+
+    @staticmethod
+    def forward(ctx, solve_fn, *r):
+        ctx.solve_fn = solve_fn
+        return tuple(torch.zeros_like(t) for t in r)
+
+    @staticmethod
+    def backward(ctx, *u):
+        return (None, *ctx.solve_fn(u))
+
+
+def adapt_implicit(
+    support_loss: Callable[[Params], Tensor],
+    theta: Params,
+    *,
+    lam: float | Tensor,
+    inner_steps: int,
+    inner_lr: float,
+    solver: str = "minres",
+    steps: int = 5,
+    inner_solver: str | Callable = "gd",
+    tol: float = 0.0,
+    options: Mapping | None = None,
+    cg_damping: float = 0.0,
+    lam_damping: float = 0.0,
+    curvature: str = "hessian",
+    return_stats: bool = False,
+):
+    """φ ≈ argmin_φ support_loss(φ) + (λ/2)‖φ − θ‖², differentiable by implicit gradients.
+
+    The inner loop (``imaml.adapt``, any inner solver) runs without building a graph;
+    the returned φ is connected to θ, to λ when it is a tensor, and to every tensor
+    ``support_loss`` closes over, so ``query_loss(φ).backward()`` fills their ``.grad``
+    with the implicit meta-gradient: for θ, g = (I + H/λ)⁻¹∇L(φ) from ``steps`` steps of
+    ``solver`` (Hessian-vector products, ``curvature`` "hessian" or "ggn", the damping of
+    ``implicit_operator``); for another meta-parameter ψ, −∂⟨∇_φL̂(φ; ψ), g/λ⟩/∂ψ. It
+    composes with any other loss in one ``.backward()``.
+
+    ``return_stats=True`` returns (φ, stats): the inner loop's ``iterations`` and
+    ``grad_norm`` ‖∇G(φ)‖ at once, and the solver's ``solver_iterations``,
+    ``solver_residual`` and ``negative_curvature`` once the backward pass has run.
+    """
+    lam_value = float(lam.detach()) if isinstance(lam, Tensor) else lam
+    check_hyperparameters(lam=lam_value, steps=steps, solver=solver)
+    if curvature not in CURVATURES:
+        raise ValueError(f"unknown curvature {curvature!r}; choose one of {', '.join(CURVATURES)}")
+    if not isinstance(theta, Mapping) or not theta:
+        raise ValueError("theta must be a non-empty dict of tensors")
+    fixed = {k: v.detach() for k, v in theta.items()}
+    with torch.no_grad():  # no graph to the closure's tensors; torch.func.grad still works
+        phi, info = adapt(
+            support_loss,
+            fixed,
+            lam=lam_value,
+            inner_steps=inner_steps,
+            inner_lr=inner_lr,
+            solver=inner_solver,
+            tol=tol,
+            options=options,
+            return_info=True,
+        )
+    phi = {k: v.detach() for k, v in phi.items()}
+    stats = {"iterations": info["iterations"], "grad_norm": info["grad_norm"]}
+    # r(ψ) = ∇_φG(φ*; ψ): φ* fixed, θ, λ and the closure's tensors live (outer autograd)
+    G = proximal_objective(support_loss, theta, lam=lam)
+    r = torch.func.grad(G)(phi)
+    if not any(t.requires_grad for t in r.values()):
+        return (phi, stats) if return_stats else phi
+    keys = list(phi)
+
+    def solve_fn(u):
+        v = {k: torch.zeros_like(phi[k]) if t is None else t for k, t in zip(keys, u, strict=True)}
+        with torch.enable_grad():
+            H = linearize_curvature(support_loss, phi, curvature=curvature)[1]
+        A = implicit_operator(H, lam=lam_value, cg_damping=cg_damping, lam_damping=lam_damping)
+        g, solved = solve(A, v, method=solver, steps=steps)
+        stats.update(
+            solver_iterations=solved["iterations"],
+            solver_residual=solved["residual"],
+            negative_curvature=solved["negative_curvature"],
+        )
+        return tuple(-g[k] / lam_value for k in keys)
+
+    zeros = _ImplicitVJP.apply(solve_fn, *(r[k] for k in keys))
+    out = {k: phi[k] + z for k, z in zip(keys, zeros, strict=True)}
+    return (out, stats) if return_stats else out

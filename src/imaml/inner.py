@@ -7,12 +7,13 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Mapping
 
 from torch import Tensor
 
 from .params import Params
-from .solvers import get_inner_solver
+from .solvers import INNER_SOLVERS, get_inner_solver
 
 VARIANTS = ("paper", "reference_code")
 Lam = float | Tensor | Mapping[str, float | Tensor]
@@ -53,12 +54,50 @@ def proximal_gradient(support_grad: Params, phi: Params, theta: Params, *, lam: 
     return {k: support_grad[k] + _lam_of(lam, k) * (phi[k] - theta[k]) for k in phi}
 
 
+def _keyword_options(fn: Callable) -> set[str]:
+    shared = {"objective", "phi0", "steps", "lr", "tol"}
+    params = inspect.signature(fn).parameters
+    return {k for k, p in params.items() if p.kind == p.KEYWORD_ONLY} - shared
+
+
 def solver_options(solver: str | Callable, options: Mapping | None) -> dict:
-    """The subset of ``options`` that ``solver`` accepts (e.g. ``cg_steps`` for newton_cg)."""
+    """The subset of ``options`` that ``solver`` accepts (e.g. ``cg_steps`` for newton_cg).
+
+    An option no inner solver takes is an error (a typo would otherwise do nothing); one
+    that another solver takes is dropped, so one options dict serves every solver."""
     if not options:
         return {}
-    accepted = inspect.signature(get_inner_solver(solver)).parameters
+    if not isinstance(options, Mapping):
+        raise ValueError(f"options must be a dict, got {type(options).__name__}")
+    fn = get_inner_solver(solver)
+    if any(p.kind == p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values()):
+        return dict(options)  # a solver of one's own that takes any option
+    accepted = _keyword_options(fn)
+    known = set().union(accepted, *(_keyword_options(f) for f in INNER_SOLVERS.values()))
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown inner-solver options {unknown}; the inner solvers take {sorted(known)}"
+        )
     return {k: v for k, v in options.items() if k in accepted}
+
+
+def _check_adapt(lam, inner_steps, inner_lr, tol) -> None:
+    """One-line errors for the inner loop's numbers (a tensor λ, e.g. learned, is not read)."""
+    plain = lambda v: isinstance(v, int | float) and not isinstance(v, bool)
+    if isinstance(lam, Mapping):
+        lams = list(lam.values())
+    else:
+        lams = [lam]
+    for v in lams:
+        if not isinstance(v, Tensor) and not (plain(v) and math.isfinite(v) and v >= 0):
+            raise ValueError(f"lam (λ) must be a finite number >= 0, got {v!r}")
+    if not isinstance(inner_steps, int) or isinstance(inner_steps, bool) or inner_steps < 0:
+        raise ValueError(f"inner_steps must be an integer >= 0, got {inner_steps!r}")
+    if not (plain(inner_lr) and math.isfinite(inner_lr) and inner_lr > 0):
+        raise ValueError(f"inner_lr must be a finite number > 0, got {inner_lr!r}")
+    if not (plain(tol) and math.isfinite(tol) and tol >= 0):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
 
 
 def adapt(
@@ -86,10 +125,12 @@ def adapt(
     i.e. φ ← φ − α·λ(φ − θ).
 
     Differentiable in θ when θ is (MAML); iMAML calls it on a detached θ. Returns φ, or
-    (φ, info) with ``return_info`` (info: ``iterations``, ``grad_norm``).
+    (φ, info) with ``return_info`` (info: ``iterations``, ``grad_norm``). ValueError, in
+    one line, for λ < 0, inner_steps < 0, inner_lr ≤ 0, tol < 0 or an unknown option.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown inner-loop variant {variant!r}; choose one of {VARIANTS}")
+    _check_adapt(lam, inner_steps, inner_lr, tol)
     run = get_inner_solver(solver)
     opts = solver_options(solver, options)
     objective = inner_objective(support_loss, theta, lam=lam, variant=variant)

@@ -15,7 +15,10 @@ step (``IMAML.meta_grad_piecewise``).
 - ``iterations``: steps taken before the task converged or stopped;
 - ``residual``: ‖b − A·x‖ / ‖b‖ (the solver's recursive estimate);
 - ``negative_curvature``: whether a direction with pᵀAp ≤ 0 was met, i.e. A is not
-  positive definite on the explored Krylov subspace.
+  positive definite on the explored Krylov subspace;
+- ``diverged``: whether the solve ran away (Neumann: the residual grew, i.e. the
+  spectrum of αA left (0, 2); any solver: a non-finite residual for ``exact``). The
+  algorithms drop such a task from the meta-batch mean, as they drop non-finite ones.
 
 Solvers:
 
@@ -82,12 +85,17 @@ def _norm(a: Tensor) -> Tensor:
     return torch.linalg.vector_norm(a, dim=-1, keepdim=True)
 
 
-def _info(iterations: Tensor, residual: Tensor, negative: Tensor) -> dict[str, Tensor]:
+def _info(
+    iterations: Tensor, residual: Tensor, negative: Tensor, diverged: Tensor | None = None
+) -> dict[str, Tensor]:
     """The diagnostics, one entry per system: 0-dim for one system, (T,) for T."""
+    if diverged is None:
+        diverged = torch.zeros_like(negative)
     return {
         "iterations": iterations.squeeze(-1),
         "residual": residual.squeeze(-1),
         "negative_curvature": negative.squeeze(-1),
+        "diverged": diverged.squeeze(-1),
     }
 
 
@@ -224,6 +232,7 @@ def neumann(
     else:
         r = b - A(x)
     rnorm = _norm(r)
+    r0norm = rnorm
     active = rnorm > tol * bnorm
     iterations = torch.zeros_like(active, dtype=torch.int64)
     for _ in range(steps):
@@ -235,7 +244,9 @@ def neumann(
         active = active & (rnorm > tol * bnorm)
     residual = rnorm / _safe(bnorm)
     negative = torch.zeros_like(active)
-    return unravel(x), _info(iterations, residual, negative)
+    # the series diverges when the spectrum of αA leaves (0, 2): the residual then grows
+    diverged = (rnorm > r0norm) | ~torch.isfinite(rnorm)
+    return unravel(x), _info(iterations, residual, negative, diverged)
 
 
 def dense_matrix(matvec: Callable, n: int, *, dtype=None, device=None) -> Tensor:
@@ -264,6 +275,7 @@ def exact(
         "iterations": iterations,
         "residual": residual,
         "negative_curvature": negative,
+        "diverged": ~torch.isfinite(residual),
     }
 
 

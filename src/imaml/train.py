@@ -443,7 +443,7 @@ def _train(
 
     def apply(s: _Launched) -> None:
         for k, p in params.items():
-            p.grad = s.grads[k]
+            p.grad = s.grads.get(k)  # none for a frozen parameter
         s.before = {k: p.detach().clone() for k, p in params.items()}
         opt.step()
         finite = torch.stack([torch.isfinite(p).all() for p in params.values()]).all()

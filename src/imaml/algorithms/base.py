@@ -27,9 +27,16 @@ from torch.func import functional_call, grad, vmap
 
 from ..autodiff import SplitLoss
 from ..inner import VARIANTS, adapt, proximal_objective
-from ..models import LOSSES
-from ..params import Params, detach, norm, ravel
+from ..params import Params, norm, ravel
 from ..solvers import get_inner_solver
+from .checks import (
+    batch_statistics,
+    check_batch,
+    check_params,
+    constant_names,
+    loss_function,
+    tracking_batchnorms,
+)
 
 FLAT = "_flat"  # key of the flattened network parameters on the fast path
 
@@ -94,8 +101,7 @@ class MetaAlgorithm:
     ):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if loss not in LOSSES:
-            raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+        self._loss_fn = loss_function(loss)
         _check_float("lam", lam, positive=False)
         _check_int("inner_steps", inner_steps)
         _check_float("inner_lr", inner_lr, positive=True)
@@ -121,13 +127,40 @@ class MetaAlgorithm:
             raise ValueError(f"flat must be True, False or None (CUDA only), got {flat!r}")
         self.flat = flat
         self.task_chunk = task_chunk
-        self._loss_fn = LOSSES[loss]
+        self._tracking_bn = tracking_batchnorms(model)  # used with batch statistics
+        self._constants: Params = {}  # frozen parameters and buffers, set by ``trainable``
         self._unravel = None  # inverse of the last ``pack`` (flat vector → named tensors)
         self._packed_layout = None  # the names and shapes ``_unravel`` was made for
 
     # -- losses as functions of a parameter dict ------------------------------------
+    def outputs(self, params: Params, x: Tensor) -> Tensor:
+        """The network's outputs on ``x`` with ``params`` (and the constants of the last
+        ``trainable`` call: frozen parameters, buffers). BatchNorm layers that keep running
+        statistics use the batch's own here, and their running statistics stay untouched."""
+        p = {**self._constants, **self.unpack(params)} if self._constants else self.unpack(params)
+        if not self._tracking_bn:
+            return functional_call(self.model, p, (x,))
+        with batch_statistics(self._tracking_bn):
+            return functional_call(self.model, p, (x,))
+
     def loss_and_metric(self, params: Params, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
-        return self._loss_fn(functional_call(self.model, self.unpack(params), (x,)), y)
+        return self._loss_fn(self.outputs(params, x), y)
+
+    def trainable(self, params: Params) -> Params:
+        """The entries of ``params`` that are adapted and meta-trained, detached. The rest,
+        the model's frozen parameters (``requires_grad=False``), its buffers and any
+        non-floating tensor, are held as constants for the losses: never adapted, and no
+        meta-gradient is returned for them."""
+        const = constant_names(self.model)
+        keep = lambda k, v: k not in const and v.is_floating_point()
+        self._constants = {k: v.detach() for k, v in params.items() if not keep(k, v)}
+        return {k: v.detach() for k, v in params.items() if keep(k, v)}
+
+    def check_inputs(self, params: Params, batch) -> None:
+        """One-line ValueErrors for params that do not match the model, and for a batch
+        whose fields disagree, lack the task dimension or the parameters' dtype."""
+        check_params(self.model, params, extra=lambda k: not self.is_network_key(k))
+        check_batch(self.model, batch, params)
 
     # -- the flat layout of the fast path ---------------------------------------------
     def is_network_key(self, key: str) -> bool:
@@ -159,10 +192,7 @@ class MetaAlgorithm:
     def loss_of(self, x: Tensor, y: Tensor) -> SplitLoss:
         """p ↦ L(p) on the data (x, y), as the network's outputs and the loss on them (what
         the Gauss–Newton curvature needs; called, the same as ``loss_and_metric``'s loss)."""
-        return SplitLoss(
-            lambda p: functional_call(self.model, self.unpack(p), (x,)),
-            lambda z: self._loss_fn(z, y)[0],
-        )
+        return SplitLoss(lambda p: self.outputs(p, x), lambda z: self._loss_fn(z, y)[0])
 
     @property
     def classification(self) -> bool:
@@ -228,7 +258,12 @@ class MetaAlgorithm:
         by data-parallel training where other ranks may still hold kept tasks).
         """
         if not isinstance(batch, TaskBatch):
+            if not isinstance(batch, tuple | list) or len(batch) != 4:
+                raise ValueError(
+                    "batch must be a TaskBatch(support_x, support_y, query_x, query_y)"
+                )
             batch = TaskBatch(*batch)
+        self.check_inputs(params, batch)
         mean, stats = self.meta_grad_tensors(params, batch)
         if not allow_empty:
             self.check_not_all_skipped(stats)
@@ -247,10 +282,15 @@ class MetaAlgorithm:
         """``meta_grad`` without its check: tensors in, tensors out, no host-device
         synchronisation on the batched path, so it can be captured as a CUDA graph
         (``imaml.cuda_graph``)."""
-        theta = detach(params)
+        theta = self.trainable(params)
         if self.batched:
             packed = self.pack(theta)
-            run = vmap(self.task_meta_grad, in_dims=(None, 0, 0, 0, 0), chunk_size=self.task_chunk)
+            run = vmap(
+                self.task_meta_grad,
+                in_dims=(None, 0, 0, 0, 0),
+                chunk_size=self.task_chunk,
+                randomness="different",  # dropout: a mask of its own per task
+            )
             g, stats = run(packed, *batch)
         else:
             outs = [self.task_meta_grad(theta, *batch.task(i)) for i in range(batch.num_tasks)]
@@ -267,6 +307,8 @@ class MetaAlgorithm:
         A task whose losses or meta-gradient are not finite (an exploding inner loop, a
         NaN input) is dropped from the mean and counted in ``stats["skipped"]``."""
         bad = ~torch.isfinite(stats["query_loss"]) | ~torch.isfinite(stats["support_loss"])
+        if "solver_diverged" in stats:  # a linear solve that ran away (Neumann)
+            bad = bad | stats["solver_diverged"]
         for v in g.values():
             bad |= ~torch.isfinite(v.reshape(v.shape[0], -1)).all(1)
         stats["skipped"] = bad
@@ -287,7 +329,7 @@ class MetaAlgorithm:
             "variant": self.variant,
             "inner_tol": self.inner_tol,
             "inner_options": self.inner_options,
-            "loss": self.loss,
+            "loss": self.loss if isinstance(self.loss, str) else "custom",
             "batched": self.batched,
             "flat": self.flat,
             "task_chunk": self.task_chunk,

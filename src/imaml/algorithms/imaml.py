@@ -14,7 +14,7 @@ from ..autodiff import CURVATURES, HVP_MODES, linearize_curvature
 from ..implicit import check_hyperparameters, implicit_operator, lam_gradient, solve_implicit
 from ..inner import inner_objective, proximal_gradient, pull_back
 from ..linalg import solve
-from ..params import Params, detach, norm, ravel
+from ..params import Params, norm, ravel
 from ..solvers import gd
 from .base import MetaAlgorithm, TaskBatch, _check_float
 
@@ -183,6 +183,7 @@ class IMAML(MetaAlgorithm):
             "solver_residual": info["residual"],
             "solver_iterations": info["iterations"],
             "negative_curvature": info["negative_curvature"],
+            "solver_diverged": info["diverged"],
             **q_metrics,
         }
         if self.learn_lam == "scalar":
@@ -370,7 +371,7 @@ class IMAML(MetaAlgorithm):
         """
         if (why := self.piecewise_unsupported()) is not None:
             raise ValueError(f"the piecewise meta-step does not support {why}")
-        theta = self.pack(detach(params))
+        theta = self.pack(self.trainable(params))
         T = batch.num_tasks
         size = self.task_chunk or T
         parts = [
@@ -413,6 +414,7 @@ class IMAML(MetaAlgorithm):
             "solver_residual": info["residual"],
             "solver_iterations": info["iterations"],
             "negative_curvature": info["negative_curvature"],
+            "solver_diverged": info["diverged"],
             **q_metrics,
         }  # the keys in task_meta_grad's order
         return g, stats
