@@ -66,6 +66,9 @@ CONFIGS: dict[str, dict] = {
     "imaml-paper-ggn-lam5": dict(_IMAML, curvature="ggn", solver="cg", lam=5.0),
     "imaml-paper-minres-32steps": dict(_IMAML, inner_steps=32),
     "imaml-hf": dict(_IMAML, inner_solver="newton_cg", inner_steps=5, inner_lr=1.0),
+    "imaml-hf-ggn": dict(
+        _IMAML, inner_solver="newton_cg", inner_steps=5, inner_lr=1.0, curvature="ggn", solver="cg"
+    ),
     "fomaml": dict(algo="fomaml"),
     "maml": dict(algo="maml"),
     "reptile": dict(algo="reptile"),

@@ -154,3 +154,47 @@ def test_cli_unknown_curvature_is_one_line(tmp_path, capsys):
     code = main(["train", "--task", "sinusoid", "--curvature", "fisher", "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "curvature" in err and err.count("\n") == 0
+
+
+def test_newton_cg_with_gauss_newton_equals_newton_where_the_model_is_linear():
+    """A linear model with squared error: G = H, so both inner solvers take the same steps."""
+    from imaml import adapt
+
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    Y = torch.randn(9, 2, generator=g, dtype=torch.float64)
+    f = SplitLoss(lambda p: X @ p["w"], lambda z: 0.5 * ((z - Y) ** 2).sum(-1).mean())
+    theta = {"w": torch.randn(4, 2, generator=g, dtype=torch.float64)}
+    out = {}
+    for curvature in ("hessian", "ggn"):
+        out[curvature] = adapt(
+            f,
+            theta,
+            lam=0.3,
+            inner_steps=2,
+            inner_lr=1.0,
+            solver="newton_cg",
+            options={"cg_steps": 8, "curvature": curvature},
+        )
+    assert rel(out["ggn"], out["hessian"]) < 1e-12
+    # and the Newton step solved the quadratic: ∇G(φ) = 0
+    G = lambda p: f(p) + 0.15 * ((p["w"] - theta["w"]) ** 2).sum()
+    assert torch.func.grad(G)(out["ggn"])["w"].norm() < 1e-10
+
+
+def test_newton_cg_with_gauss_newton_descends_on_the_conv_net(f64):
+    """Where ∇²G is indefinite, the Gauss–Newton Newton steps still lower G every time."""
+    from imaml.inner import proximal_objective
+    from imaml.solvers import newton_cg
+
+    model, theta, batch = conv_setup(torch.float64, T=1, channels=3, seed=5)
+    alg = make_algorithm("imaml", model=model)
+    sx, sy, _, _ = batch.task(0)
+    G = proximal_objective(alg.loss_of(sx, sy), theta, lam=0.1)
+    values, phi = [G(theta).item()], theta
+    for _ in range(4):
+        phi, _ = newton_cg(G, phi, steps=1, cg_steps=10, curvature="ggn")
+        values.append(G(phi).item())
+    assert all(b < a for a, b in zip(values, values[1:], strict=False)), values
+    with pytest.raises(ValueError, match="SplitLoss"):
+        newton_cg(lambda p: G(p), theta, steps=1, curvature="ggn")

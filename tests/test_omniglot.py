@@ -243,6 +243,47 @@ def test_background_split_tests_on_evaluation_alphabets(small):
     assert not set(s["train"]) & set(s["val"])
 
 
+def test_authors_split_reuses_their_two_permutations(small):
+    import random
+
+    s = make_split(small, kind="authors", val_classes=1, n_train=6)
+    train_perm, test_perm = list(range(9)), list(range(9))
+    random.Random(123).shuffle(train_perm)
+    random.Random(12345).shuffle(test_perm)
+    assert s["train"] + s["val"] == train_perm[:6] and s["test"] == test_perm[6:]
+    assert s == make_split(small, kind="authors", seed=7, val_classes=1, n_train=6)
+
+
+@needs_real
+def test_authors_split_overlaps_as_theirs_and_eval_records_it(tmp_path):
+    """310 of the 423 test characters of the authors' split are training characters
+    (the overlap their evaluation script has); the paper split has none; eval.json says so."""
+    from imaml.config import from_preset
+    from imaml.train import evaluate_run, meta_train
+
+    data = load_omniglot(REAL_DATA, progress=False)
+    authors = make_split(data, kind="authors", val_classes=100)
+    assert len(authors["test"]) == 423 and len(authors["train"]) == 1100
+    assert len(set(authors["test"]) & set(authors["train"] + authors["val"])) == 310
+    paper = make_split(data, kind="paper", seed=0, val_classes=100)
+    assert not set(paper["test"]) & set(paper["train"] + paper["val"])
+    for split, disjoint in (("paper", True), ("authors", False)):
+        cfg = from_preset(
+            "omniglot-5w1s",
+            algo="fomaml",
+            split=split,
+            meta_steps=1,
+            inner_steps=1,
+            val_tasks=0,
+            meta_batch=2,
+            data_dir=REAL_DATA,
+        )
+        meta_train(cfg, tmp_path / split, progress=False, final_test=False)
+        res = evaluate_run(tmp_path / split, tasks=2)
+        assert res["disjoint_test_classes"] is disjoint
+        assert res["test_classes_in_training"] == (0 if disjoint else 310)
+
+
 def test_bad_split_arguments(small):
     with pytest.raises(ValueError, match="unknown split"):
         make_split(small, kind="vinyals2")

@@ -470,3 +470,11 @@ def test_benchmarks_index_lists_every_script():
     scripts = {p.name for p in (ROOT / "benchmarks").glob("*.py")} | {"gpu_check.sh"}
     missing = sorted(s for s in scripts if f"`{s}`" not in index)
     assert not missing, f"benchmarks/README.md does not list {missing}"
+
+
+def test_solver_steps_is_the_linear_solvers_steps_and_cg_steps_its_alias():
+    from imaml.cli import build_parser
+
+    p = build_parser()
+    assert p.parse_args(["train", "--solver-steps", "7"]).cg_steps == 7
+    assert p.parse_args(["train", "--cg-steps", "3"]).cg_steps == 3

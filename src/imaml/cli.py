@@ -25,7 +25,9 @@ HELP = {
     "n_way": "classes per task (N)",
     "k_shot": "support examples per class (K)",
     "k_query": "query examples per class (Q); default: K, as in the paper",
-    "split": "omniglot class split: paper (1623 pooled, 1200/423) or background (alphabets)",
+    "split": "omniglot class split: paper (1623 pooled, 1200/423, disjoint), background "
+    "(alphabets), or authors (the authors' release's two permutations: 310 of the 423 test "
+    "characters are training characters, as there; every eval.json records the overlap)",
     "split_seed": "seed of the class permutation of the split (recorded in checkpoints)",
     "val_classes": "classes held out of meta-training for validation / model selection",
     "data_dir": "folder holding omniglot/ (or miniimagenet/); default $IMAML_DATA_DIR, "
@@ -39,7 +41,8 @@ HELP = {
     "learn_lam": "learn λ (imaml): none, scalar, or per_tensor (one λ per parameter tensor)",
     "variant": "inner loop: paper (proximal term in every step) or reference_code "
     "(the authors' release: plain steps, then one proximal pull-back)",
-    "cg_steps": "steps of the meta-gradient linear solver (Hessian-vector products per task)",
+    "cg_steps": "steps of the meta-gradient linear solver, CG or MINRES alike (Hessian-vector "
+    "products per task); --cg-steps is the same option",
     "solver": "linear solver for (I + H/λ)g = ∇L: minres (default; sound for indefinite H), "
     "cg (truncated at negative curvature), neumann, exact (dense, small models)",
     "cg_damping": "operator (1+cg_damping)I + H/(λ+lam_damping); the authors' code uses 1",
@@ -49,7 +52,8 @@ HELP = {
     "pieces on CUDA, measured faster there; rev otherwise)",
     "curvature": "curvature in the implicit system: hessian (the paper's I + H/λ) or ggn "
     "(the generalised Gauss-Newton matrix G = JᵀH_ℓJ, positive semi-definite for "
-    "cross-entropy and squared error, so I + G/λ is positive definite and CG is sound)",
+    "cross-entropy and squared error, so I + G/λ is positive definite and CG is sound); "
+    "with --inner-solver newton_cg also the curvature of its Newton steps",
     "meta_batch": "tasks per meta-step (B)",
     "meta_steps": "outer (meta) steps in total",
     "outer_lr": "Adam learning rate of the outer loop",
@@ -128,6 +132,16 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
         elif f.name == "compile":  # a bare --compile compiles the whole step
             g.add_argument(
                 flag, nargs="?", const="step", default=None, metavar="MODE", help=HELP[f.name]
+            )
+        elif f.name == "cg_steps":  # the steps of whichever linear solver; the old name stays
+            g.add_argument(
+                "--solver-steps",
+                flag,
+                dest=f.name,
+                type=int,
+                default=None,
+                metavar="STEPS",
+                help=HELP[f.name],
             )
         else:
             g.add_argument(flag, type=typ, default=None, metavar=f.name.upper(), help=HELP[f.name])

@@ -54,7 +54,7 @@ class Config:
     n_way: int = 5
     k_shot: int = 1
     k_query: int | None = None  # None: same as k_shot (the paper's Q = K)
-    split: str = "paper"  # omniglot: paper | background
+    split: str = "paper"  # omniglot: paper | background | authors (overlapping, theirs)
     split_seed: int = 0
     val_classes: int = 100
     data_dir: str | None = None
@@ -150,7 +150,8 @@ class Config:
             "flat": {"auto": None, "on": True, "off": False}[self.flat],
             "task_chunk": self.task_chunk,
             "inner_tol": self.inner_tol,
-            "inner_options": {"cg_steps": self.inner_cg_steps},
+            # newton_cg takes both: its CG steps, and the curvature of its Newton system
+            "inner_options": {"cg_steps": self.inner_cg_steps, "curvature": self.curvature},
             "learn_lam": self.learn_lam,
         }
         accepted = set(hyperparameter_names(self.algo))
@@ -233,7 +234,7 @@ def validate(cfg: Config) -> None:
     if cfg.learn_lam != "none" and cfg.algo != "imaml":
         raise ConfigError(f"learn_lam is an imaml option; {cfg.algo} has no λ to learn")
     _choice(cfg, "dtype", ("float32", "float64"))
-    _choice(cfg, "split", ("paper", "background"))
+    _choice(cfg, "split", ("paper", "background", "authors"))
     if not (cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda")):
         raise ConfigError(f"device must be auto, cpu or cuda[:N], got {cfg.device!r}")
     for name in ("n_way", "k_shot", "meta_batch", "val_every", "checkpoint_every", "log_every"):

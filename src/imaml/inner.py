@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 from torch import Tensor
 
@@ -23,16 +24,25 @@ def _lam_of(lam: Lam, key: str):
     return lam[key] if isinstance(lam, Mapping) else lam
 
 
+class Proximal(NamedTuple):
+    """G(φ) = L̂(φ) + ½ Σ_k λ_k‖φ_k − θ_k‖², with its parts kept for the solvers that
+    use them (Newton-CG's Gauss–Newton curvature needs L̂ as a ``SplitLoss``)."""
+
+    support_loss: Callable[[Params], Tensor]
+    theta: Params
+    lam: Lam
+
+    def __call__(self, phi: Params) -> Tensor:
+        lam, theta = self.lam, self.theta
+        prox = sum(_lam_of(lam, k) * ((phi[k] - theta[k]) ** 2).sum() for k in phi)
+        return self.support_loss(phi) + 0.5 * prox
+
+
 def proximal_objective(support_loss: Callable[[Params], Tensor], theta: Params, *, lam: Lam):
     """G(φ) = L̂(φ) + ½ Σ_k λ_k‖φ_k − θ_k‖² (λ_k = λ for a scalar λ)."""
     if not isinstance(lam, Mapping | Tensor) and lam == 0:
         return support_loss
-
-    def G(phi: Params) -> Tensor:
-        prox = sum(_lam_of(lam, k) * ((phi[k] - theta[k]) ** 2).sum() for k in phi)
-        return support_loss(phi) + 0.5 * prox
-
-    return G
+    return Proximal(support_loss, theta, lam)
 
 
 def inner_objective(support_loss: Callable[[Params], Tensor], theta: Params, *, lam: Lam, variant):

@@ -57,7 +57,9 @@ def setup_runtime(cfg: Config) -> tuple[torch.device, torch.dtype]:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     if device.type == "cpu":
-        torch.set_flush_denormal(True)  # subnormal floats slowed some CPU runs 5-20× (docs/notebook/prototypes.md)
+        torch.set_flush_denormal(
+            True
+        )  # subnormal floats slowed some CPU runs 5-20× (docs/notebook/prototypes.md)
         if cfg.cpu_malloc == "keep":
             keep_freed_memory()  # no page faults for the same big tensors every step
     return device, getattr(torch, cfg.dtype)
@@ -640,7 +642,7 @@ def evaluate_run(
     if changes:
         cfg = cfg.replace(**changes)
     device, dtype = setup_runtime(cfg)
-    families, _ = make_task_families(cfg, progress=progress)
+    families, split_info = make_task_families(cfg, progress=progress)
     if families.get(split) is None:
         raise ValueError(f"this run has no {split!r} split")
     model = set_conv_impl(families["train"].make_model(), cfg.conv).to(device=device, dtype=dtype)
@@ -670,6 +672,11 @@ def evaluate_run(
         "checkpoint": path.name,
         "checkpoint_step": ckpt["step"],
         "eval_inner": _inner_record(alg, params, cfg.eval_overrides()),
+        # whether a test task can hold a class that training saw (the authors' split)
+        "disjoint_test_classes": split != "test" or split_info["test_classes_in_training"] == 0,
+        "test_classes_in_training": split_info["test_classes_in_training"]
+        if split == "test"
+        else None,
         "seconds": time.perf_counter() - t0,
         "config": cfg.to_dict(),
         "machine": {**machine_info(), "processes": 1 if shard is None else shard.world},

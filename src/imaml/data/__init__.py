@@ -10,9 +10,10 @@ def make_task_families(cfg, *, progress: bool = True) -> tuple[dict, dict]:
         from .sinusoid import SinusoidTasks
 
         fam = SinusoidTasks(k_shot=cfg.k_shot, k_query=cfg.queries)
-        return {"train": fam, "val": fam, "test": fam}, {"kind": "none (fresh sinusoids)"}
+        info = {"kind": "none (fresh sinusoids)", "test_classes_in_training": 0}
+        return {"train": fam, "val": fam, "test": fam}, info
     if cfg.task == "omniglot":
-        from .omniglot import OmniglotTasks, load_omniglot, make_split
+        from .omniglot import OmniglotTasks, load_omniglot, make_split, training_classes_in_test
 
         data = load_omniglot(cfg.data_dir, progress=progress)
         split = make_split(data, kind=cfg.split, seed=cfg.split_seed, val_classes=cfg.val_classes)
@@ -28,6 +29,7 @@ def make_task_families(cfg, *, progress: bool = True) -> tuple[dict, dict]:
             "kind": cfg.split,
             "seed": cfg.split_seed,
             "fingerprint": data.fingerprint,
+            "test_classes_in_training": training_classes_in_test(split),
             **{f"{k}_classes": [data.names[i] for i in v] for k, v in split.items()},
         }
         return fams, info
@@ -40,5 +42,5 @@ def make_task_families(cfg, *, progress: bool = True) -> tuple[dict, dict]:
             fams[name] = MiniImagenetTasks(
                 data, n_way=cfg.n_way, k_shot=cfg.k_shot, k_query=cfg.queries
             )
-        return fams, {"kind": "ravi-larochelle"}
+        return fams, {"kind": "ravi-larochelle", "test_classes_in_training": 0}
     raise ValueError(f"unknown task {cfg.task!r}")

@@ -323,7 +323,10 @@ def load_omniglot(
     return OmniglotImages(images, tuple(names), tuple(part_of), fp)
 
 
-SPLITS = ("paper", "background")
+SPLITS = ("paper", "background", "authors")
+# The authors' release shuffles the 1623 characters with Python's random.seed(123) for
+# training and random.seed(12345) for evaluation (docs/reproduction.md)
+AUTHORS_SEEDS = {"train": 123, "test": 12345}
 
 
 def make_split(
@@ -341,16 +344,24 @@ def make_split(
     are held out for validation (model selection), so training sees 1200 − val_classes.
     ``background``: meta-train on the background alphabets (minus ``val_classes``
     characters for validation), meta-test on the evaluation alphabets.
+    ``authors``: the authors' release's two permutations (Python's ``random.shuffle``
+    seeded 123 for training, 12345 for evaluation; ``seed`` is not used), so that, as
+    there, the test characters overlap the training ones (310 of 423). Their character
+    order within an alphabet came from ``os.listdir`` and cannot be rebuilt; this one is
+    sorted, so the split has their overlap, not their exact characters.
     """
     if kind not in SPLITS:
         raise ValueError(f"unknown split {kind!r}; choose one of {', '.join(SPLITS)}")
     g = torch.Generator().manual_seed(seed)
     n = len(data.names)
+    if kind in ("paper", "authors") and not 0 < n_train < n:
+        raise ValueError(f"n_train must be in (0, {n}), got {n_train}")
     if kind == "paper":
         perm = torch.randperm(n, generator=g).tolist()
-        if not 0 < n_train < n:
-            raise ValueError(f"n_train must be in (0, {n}), got {n_train}")
         train_all, test = perm[:n_train], perm[n_train:]
+    elif kind == "authors":
+        train_all = _python_shuffle(n, AUTHORS_SEEDS["train"])[:n_train]
+        test = _python_shuffle(n, AUTHORS_SEEDS["test"])[n_train:]
     else:
         bg = [i for i in range(n) if data.part_of[i] == 0]
         train_all = [bg[i] for i in torch.randperm(len(bg), generator=g).tolist()]
@@ -359,6 +370,19 @@ def make_split(
         raise ValueError(f"val_classes must be in [0, {len(train_all)}), got {val_classes}")
     cut = len(train_all) - val_classes
     return {"train": train_all[:cut], "val": train_all[cut:], "test": test}
+
+
+def _python_shuffle(n: int, seed: int) -> list[int]:
+    import random
+
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def training_classes_in_test(split: dict[str, list[int]]) -> int:
+    """How many test classes a training or validation task may also draw."""
+    return len(set(split["test"]) & (set(split["train"]) | set(split["val"])))
 
 
 class OmniglotTasks:

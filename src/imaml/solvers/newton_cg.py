@@ -1,12 +1,18 @@
-"""The paper's "Hessian-free" inner solver: truncated Newton-CG with an Armijo line search."""
+"""The paper's "Hessian-free" inner solver: truncated Newton-CG with an Armijo line search.
+
+With ``curvature="ggn"`` the Newton system uses the Gauss–Newton matrix of the support
+loss plus the proximal term's λI (Levenberg–Marquardt's damped Gauss–Newton step): that
+matrix is positive definite, so CG never meets negative curvature and every direction
+is a descent direction, where the Hessian of G is indefinite early in training.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from torch import Tensor
 
-from ..autodiff import linearize_grad
+from ..autodiff import CURVATURES, linearize_curvature, linearize_grad
 from ..linalg import cg
 from ..params import Params
 from ._common import all_stopped, armijo, slope, start, still_active, where
@@ -22,6 +28,7 @@ def newton_cg(
     cg_steps: int = 5,
     max_halvings: int = 20,
     c: float = 1e-4,
+    curvature: str = "hessian",
 ):
     """Up to ``steps`` Newton iterations on G.
 
@@ -29,13 +36,17 @@ def newton_cg(
     (Hessian-vector products only; CG stops at negative curvature and, if that happens
     at its first step, returns −∇G, the steepest-descent direction), then a backtracking
     Armijo line search on G from the trial step ``lr`` (the paper: 1) halving up to
-    ``max_halvings`` times. A task stops once ‖∇G‖ ≤ ``tol``.
+    ``max_halvings`` times. A task stops once ‖∇G‖ ≤ ``tol``. ``curvature="ggn"``: the
+    Gauss–Newton matrix of L̂ plus λI in place of ∇²G (``objective`` then the support loss
+    as a ``SplitLoss``, or ``imaml.inner.Proximal`` of one).
     """
+    if curvature not in CURVATURES:
+        raise ValueError(f"unknown curvature {curvature!r}; choose one of {', '.join(CURVATURES)}")
     phi = phi0
     active, iters = start(phi0)
     gn = None
     for _ in range(steps):
-        g, hvp = linearize_grad(objective, phi)
+        g, hvp = _linearize(objective, phi, curvature)
         active, gn = still_active(active, g, tol)
         if tol > 0 and all_stopped(active):
             break
@@ -47,3 +58,23 @@ def newton_cg(
         phi = where(active, new, phi)
         iters = iters + active.long()
     return phi, {"iterations": iters, "grad_norm": gn if gn is not None else iters * 0.0}
+
+
+def _linearize(objective: Callable[[Params], Tensor], phi: Params, curvature: str):
+    """(∇G(φ), v ↦ C·v): C = ∇²G, or the Gauss–Newton matrix of L̂ plus Λ for "ggn"."""
+    if curvature == "hessian":
+        return linearize_grad(objective, phi)
+    parts = getattr(objective, "support_loss", None), getattr(objective, "theta", None)
+    loss, theta = parts if parts[0] is not None else (objective, None)
+    g, ggn = linearize_curvature(loss, phi, curvature="ggn")
+    if theta is None:
+        return g, ggn
+    lam = objective.lam
+    lam_of = lambda k: lam[k] if isinstance(lam, Mapping) else lam
+    grad = {k: g[k] + lam_of(k) * (phi[k] - theta[k]) for k in g}
+
+    def product(v: Params) -> Params:
+        Gv = ggn(v)
+        return {k: Gv[k] + lam_of(k) * v[k] for k in v}
+
+    return grad, product
