@@ -11,7 +11,7 @@ import torch
 import imaml.malloc
 from imaml.checkpoint import load_checkpoint
 from imaml.config import from_preset
-from imaml.train import setup_runtime
+from imaml.runtime import setup_runtime
 
 glibc = pytest.mark.skipif(imaml.malloc._libc() is None, reason="glibc only")
 
@@ -57,7 +57,7 @@ def test_without_glibc_it_does_nothing_and_says_so(monkeypatch):
 @pytest.mark.parametrize("mode,calls", [("keep", 1), ("system", 0)])
 def test_training_setup_applies_the_configured_allocator(monkeypatch, mode, calls):
     seen = []
-    monkeypatch.setattr("imaml.train.keep_freed_memory", lambda: seen.append(1))
+    monkeypatch.setattr("imaml.runtime.keep_freed_memory", lambda: seen.append(1))
     cfg = from_preset("sinusoid", cpu_malloc=mode, device="cpu")
     assert setup_runtime(cfg) == (torch.device("cpu"), torch.float32)
     assert len(seen) == calls

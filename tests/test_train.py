@@ -90,7 +90,7 @@ def test_resume_can_extend_the_schedule(tmp_path):
 
 
 def test_machine_record_keeps_one_entry_per_start_and_survives_a_broken_file(tmp_path):
-    from imaml.train import _record_machine
+    from imaml.run_folder import record_machine as _record_machine
 
     (tmp_path / "machine.json").write_text("{not json")
     for step in (0, 40, 80, 40):  # the last: resumed from an earlier checkpoint

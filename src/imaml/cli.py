@@ -208,6 +208,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_config_options(t)
 
+    _add_eval(sub)
+    sub.add_parser(
+        "presets",
+        help="list the presets and their values",
+        description="List every preset with the values it sets.",
+    )
+
+    pl = sub.add_parser(
+        "plot",
+        help="redraw a run's learning curve",
+        description="Redraw RUN_DIR/learning_curve.png from metrics.jsonl.",
+    )
+    pl.add_argument("run_dir", metavar="RUN_DIR")
+    return p
+
+
+def _add_eval(sub) -> None:
+    """The ``imaml eval`` command and its options."""
     e = sub.add_parser(
         "eval",
         help="evaluate a trained run on test tasks",
@@ -242,20 +260,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="print one JSON object (metric, mean, ci95, tasks, config, ...)",
     )
     e.add_argument("--quiet", action="store_true", help="no progress bar")
-
-    sub.add_parser(
-        "presets",
-        help="list the presets and their values",
-        description="List every preset with the values it sets.",
-    )
-
-    pl = sub.add_parser(
-        "plot",
-        help="redraw a run's learning curve",
-        description="Redraw RUN_DIR/learning_curve.png from metrics.jsonl.",
-    )
-    pl.add_argument("run_dir", metavar="RUN_DIR")
-    return p
 
 
 def read_config_file(path: str) -> dict:

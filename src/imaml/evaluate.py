@@ -7,13 +7,25 @@ sample standard deviation over tasks), the protocol of the paper's tables.
 from __future__ import annotations
 
 import math
+import os
+import time
+from pathlib import Path
 
 import torch
 from torch.func import vmap
 
+from . import distributed
+from .algorithms import make_algorithm
 from .algorithms.base import MetaAlgorithm
+from .checkpoint import load_checkpoint
+from .config import Config
+from .data import make_task_families
 from .distributed import gather_tasks
+from .machine import machine_info
+from .models import set_conv_impl
 from .params import Params
+from .run_folder import write_json
+from .runtime import TEST_STREAM, setup_runtime
 
 
 def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
@@ -82,3 +94,82 @@ def evaluate(
     values = torch.cat(scores)
     mean, ci = mean_ci95(values)
     return {"metric": family.metric, "mean": mean, "ci95": ci, "tasks": num_tasks}
+
+
+def _inner_record(alg, params, overrides: dict) -> dict:
+    """The inner-loop settings evaluation used, with λ as a number (learned or fixed)."""
+    settings = alg.inner_settings(**overrides)
+    lam = overrides.get("lam", alg.split_meta(params)[1])
+    if isinstance(lam, dict):
+        lam = {k: float(v) for k, v in lam.items()}
+    settings["lam"] = float(lam) if not isinstance(lam, dict) else lam
+    settings["solver"] = settings["solver"] if isinstance(settings["solver"], str) else "custom"
+    return settings
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    *,
+    tasks: int | None = None,
+    split: str = "test",
+    checkpoint: str = "best",
+    progress: bool = False,
+    seed: int | None = None,
+    shard: distributed.Dist | None = None,
+    **eval_overrides,
+) -> dict:
+    """Evaluate a run folder's best (or last) parameters on ``tasks`` tasks; writes eval.json."""
+    run = Path(run_dir)
+    path = run / f"{checkpoint}.pt"
+    if checkpoint == "best" and not path.exists():
+        path = run / "last.pt"
+    ckpt = load_checkpoint(path)
+    cfg = Config.from_dict(ckpt["config"])
+    changes = {k: v for k, v in eval_overrides.items() if v is not None}
+    if changes:
+        cfg = cfg.replace(**changes)
+    device, dtype = setup_runtime(cfg)
+    families, split_info = make_task_families(cfg, progress=progress)
+    if families.get(split) is None:
+        raise ValueError(f"this run has no {split!r} split")
+    model = set_conv_impl(families["train"].make_model(), cfg.conv).to(device=device, dtype=dtype)
+    params = {k: v.to(device=device, dtype=dtype) for k, v in ckpt["params"].items()}
+    alg = make_algorithm(
+        cfg.algo, model=model, loss=families["train"].loss, **cfg.algorithm_kwargs()
+    )
+    n = cfg.test_tasks if tasks is None else tasks
+    gen = torch.Generator().manual_seed(cfg.seed + TEST_STREAM if seed is None else seed)
+    t0 = time.perf_counter()
+    res = evaluate(
+        alg,
+        params,
+        families[split],
+        num_tasks=n,
+        generator=gen,
+        batch_size=cfg.meta_batch,
+        overrides=cfg.eval_overrides(),
+        device=device,
+        dtype=dtype,
+        progress=progress,
+        shard=shard,
+    )
+    result = {
+        **res,
+        "split": split,
+        "checkpoint": path.name,
+        "checkpoint_step": ckpt["step"],
+        "eval_inner": _inner_record(alg, params, cfg.eval_overrides()),
+        # whether a test task can hold a class that training saw (the authors' split)
+        "disjoint_test_classes": split != "test" or split_info["test_classes_in_training"] == 0,
+        "test_classes_in_training": split_info["test_classes_in_training"]
+        if split == "test"
+        else None,
+        "seconds": time.perf_counter() - t0,
+        "config": cfg.to_dict(),
+        "machine": {**machine_info(), "processes": 1 if shard is None else shard.world},
+    }
+    if not math.isfinite(result["mean"]):
+        raise ValueError(f"evaluation of {path} gave a non-finite {res['metric']}")
+    if shard is None or shard.main:
+        write_json(run / "eval.json", result)
+    return result

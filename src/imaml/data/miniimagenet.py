@@ -29,7 +29,7 @@ from PIL import Image
 
 from ..algorithms.base import TaskBatch
 from ..models import MiniImagenetConvNet
-from .omniglot import DataError, _user_cache, _writable, data_root
+from .omniglot import DataError, data_root, user_cache, writable
 
 SIZE = 84
 SPLITS = ("train", "val", "test")
@@ -95,8 +95,8 @@ def _load_csv(folder: Path, split: str) -> dict[str, torch.Tensor]:
         h.update(f"{name}:{p.stat().st_size}".encode())
     key = h.hexdigest()[:16]
     cache_name = f"miniimagenet-{split}-{SIZE}px-{key}.pt"
-    candidates = ([folder / "cache" / cache_name] if _writable(folder) else []) + [
-        _user_cache() / cache_name
+    candidates = ([folder / "cache" / cache_name] if writable(folder) else []) + [
+        user_cache() / cache_name
     ]
     for c in candidates:
         if c.exists():

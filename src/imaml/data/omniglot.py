@@ -67,11 +67,11 @@ def data_root(data_dir: str | os.PathLike | None = None) -> Path:
     return root
 
 
-def _user_cache() -> Path:
+def user_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "imaml" / "cache"
 
 
-def _writable(folder: Path) -> bool:
+def writable(folder: Path) -> bool:
     """Writable, and not marked read-only by its mode bits (which root would ignore)."""
     try:
         return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
@@ -292,8 +292,8 @@ def load_omniglot(
     )
     fp = _fingerprint(folder)
     cache_name = f"omniglot-{SIZE}px-{fp}.pt"
-    candidates = [folder / "cache" / cache_name, _user_cache() / cache_name]
-    if not _writable(folder):
+    candidates = [folder / "cache" / cache_name, user_cache() / cache_name]
+    if not writable(folder):
         candidates = candidates[1:]
     for path in candidates:
         if path.exists():
