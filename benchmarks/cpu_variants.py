@@ -13,7 +13,7 @@ reuse, as ``imaml train`` does):
 - ``compiled-warm``: the same in a new process that finds the cache the cold run left.
 - ``pieces-cold`` / ``pieces-warm``: ``--compile pieces`` (one inner step, the query
   gradient and one Hessian-vector product compiled once each, the loops outside vmap;
-  ``IMAML.meta_grad_piecewise``), cold and warm as above.
+  ``imaml.fast.meta_grad_piecewise``), cold and warm as above.
 - ``bf16``: network and images in bfloat16 (this CPU has AVX512-BF16).
 - ``autocast-bf16``: ``torch.autocast("cpu", torch.bfloat16)`` around the float32 step.
 
@@ -24,7 +24,7 @@ own empty inductor cache; not in the default set):
   (``force_layout_optimization``, as ``gpu_step.py --compile-layout channels-last`` on
   CUDA, where inductor skips vmap's grouped convolutions): every convolution
   channels-last, inductor's own choice with oneDNN on the CPU, and what the pieces did
-  there before ``imaml.cuda_graph.CPU_PIECES_OPTIONS`` turned it off;
+  there before ``imaml.fast.CPU_PIECES_OPTIONS`` turned it off;
 - ``pieces-hvp-fwd``: forward-over-reverse Hessian-vector products;
 - ``pieces-unfold-first``: the first convolution (one input channel: under vmap a
   depthwise grouped convolution) as im2col and a batched matrix product;
@@ -35,7 +35,7 @@ own empty inductor cache; not in the default set):
   the default before);
 - ``pieces-query-vmap``: the solve path with the query gradient under vmap for any number
   of query images (``query_per_task=None``; by default it runs task by task from 40 query
-  images per task on, ``imaml.cuda_graph.QUERY_PER_TASK``);
+  images per task on, ``imaml.fast.QUERY_PER_TASK``);
 - ``threads``: the eager step, its meta-batch split over two Python threads with one
   intra-op thread and a copy of the network each (one process with two intra-op threads
   leaves a core idle part of the time; two processes, ``distributed_throughput.py``,
@@ -69,7 +69,7 @@ import time
 
 import torch
 
-from imaml.cuda_graph import _one_line as one_line
+from imaml.fast import one_line
 
 from common import OUT, interleaved, peak_rss_mib, run_fresh, timeit, write
 from peers import CG, LAM, LR, STEPS, peer_algorithm, setup
@@ -155,7 +155,7 @@ def variant_step(variant: str, args, model, batch, reference=None):
     same step in float64 (computed unless given: it is the same for every variant), and
     the inductor options ``fn`` runs under."""
     from imaml import TaskBatch
-    from imaml.cuda_graph import MetaStep
+    from imaml.fast import MetaStep
     from imaml.models import Conv2d
 
     def step_for(dtype, compile="off", **kw):

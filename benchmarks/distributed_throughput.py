@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from imaml.cuda_graph import COMPILE
+from imaml.fast import COMPILE
 
 from common import write
 

@@ -4,7 +4,7 @@ The peer setting of benchmarks/peers.py (omniglot-5w1s network, meta-batch 32, 1
 GD steps, λ = 2, 5 solver steps, 15 query images per class). Every row is the relative
 distance of a mean meta-gradient from the float64 one at the same θ:
 
-- ``eager`` and ``pieces`` (``IMAML.meta_grad_piecewise``, uncompiled) in float32: the
+- ``eager`` and ``pieces`` (``imaml.fast.meta_grad_piecewise``, uncompiled) in float32: the
   same operations in a different order;
 - ``float64, θ nudged by ε``: θ multiplied element-wise by (1 + ε·N(0, 1)), computed in
   float64; this is the meta-gradient's own sensitivity to θ, with no rounding involved;
@@ -27,6 +27,7 @@ import sys
 
 import torch
 
+from imaml.fast.pieces import make_pieces, meta_grad_piecewise
 from imaml.models import OmniglotConvNet
 from imaml.params import norm, sub
 
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
         }
         b = type(batch)(batch.support_x.to(dtype), batch[1], batch.query_x.to(dtype), batch[3])
         if pieces:
-            out = alg.meta_grad_piecewise(params, b, alg.pieces())[0]
+            out = meta_grad_piecewise(alg, params, b, make_pieces(alg))[0]
         else:
             out = alg.meta_grad_tensors(params, b)[0]
         return {k: v.double() for k, v in out.items()}

@@ -32,7 +32,7 @@ from gpu_step import CONVS, batch_of, fastest_conv, use_conv
 from torch.profiler import ProfilerActivity, profile
 
 from imaml import make_algorithm
-from imaml.cuda_graph import MetaStep
+from imaml.fast import MetaStep
 from imaml.models import OmniglotConvNet
 
 from common import OUT, machine, timeit

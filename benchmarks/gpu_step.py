@@ -6,7 +6,7 @@ omniglot-5w1s network (64 channels), meta-batch 32, 16 inner GD steps (lr 0.1), 
 the peer benchmark's 15. Variants: ``loop`` (per-task Python loop, eager, as the authors
 and TorchOpt run), ``vmap`` (eager, one tensor per parameter), ``vmap-flat`` (eager, the
 parameters as one vector), ``graph`` (vmap-flat captured once as a CUDA graph and
-replayed; ``imaml.cuda_graph``), ``graph-dict`` (the graph, per-tensor parameters),
+replayed; ``imaml.fast``), ``graph-dict`` (the graph, per-tensor parameters),
 ``graph-hvp-fwd`` (the graph, forward-over-reverse HVPs). MAML, FOMAML and Reptile are
 timed on the graph path too.
 
@@ -28,7 +28,7 @@ graph variants (used to test the script).
 graph row of gpu_step.json in ``--out``), for each of ``--compile-queries`` (default 1),
 each MODE in order (``pieces``: one inner step, the query gradient and one
 Hessian-vector product compiled once each and reused by the loops; ``step``: the whole
-step as one program; ``imaml.cuda_graph``) and each HVP mode of ``--compile-hvp``
+step as one program; ``imaml.fast``) and each HVP mode of ``--compile-hvp``
 (``rev``; ``fwd`` adds ``-hvp-fwd`` to the name) and each layout of ``--compile-layout``
 (``default``; ``channels-last`` forces inductor's layout optimisation, which it skips for
 vmap's grouped convolutions, and adds ``-channels-last``) and each set of inductor
@@ -63,7 +63,7 @@ import torch
 import torch._inductor.config as inductor_config
 
 from imaml import TaskBatch, make_algorithm
-from imaml.cuda_graph import MetaStep
+from imaml.fast import MetaStep, make_pieces, meta_grad_piecewise
 from imaml.models import OmniglotConvNet, set_conv_impl
 from imaml.params import norm, sub
 
@@ -297,9 +297,9 @@ def main(argv=None) -> int:
                     if q == args.compile_queries[0] and not args.no_reference:
                         plain = imaml(flat=True)
                         uncompiled = MetaStep(plain, mode=graph)  # piecewise, nothing compiled
-                        pieces = plain.pieces()
+                        pieces = make_pieces(plain)
                         uncompiled.step = functools.partial(
-                            plain.meta_grad_piecewise, pieces=pieces
+                            meta_grad_piecewise, plain, pieces=pieces
                         )
                         run_it = lambda u=uncompiled: u(params, batch)
                         record("graph-pieces", run_it, **kw, ref=refs[conv])

@@ -12,7 +12,7 @@ fresh process (so peak RSS is its own): one warm-up meta-step, then the median o
 with CG vmapped over 8 tasks at a time (``task_chunk=8``, bounding memory), and with CG
 and MINRES through ``torch.compile``: ``compiled`` compiles the whole step, ``pieces``
 compiles one inner step, the query gradient and one Hessian-vector product and loops over
-them (``IMAML.meta_grad_piecewise``; ``pieceschunk8``: over 8 tasks at a time). The first call, the compilation, is reported apart
+them (``imaml.fast.meta_grad_piecewise``; ``pieceschunk8``: over 8 tasks at a time). The first call, the compilation, is reported apart
 as ``first_call_s``; every run starts from an empty inductor cache.
 
 Every implementation runs under glibc's default allocator (``system``, as TorchOpt's users
@@ -45,8 +45,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from imaml import make_algorithm
-from imaml.cuda_graph import MetaStep
-from imaml.cuda_graph import _one_line as one_line
+from imaml.fast import MetaStep, one_line
 from imaml.models import OmniglotConvNet
 from imaml.params import norm, sub
 

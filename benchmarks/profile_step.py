@@ -18,7 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from imaml import TaskBatch
-from imaml.cuda_graph import MetaStep
+from imaml.fast import MetaStep
 from imaml.models import OmniglotConvNet
 
 from common import OUT, use_malloc

@@ -1,13 +1,13 @@
 """The query gradient of 32 tasks under vmap, or task by task, by query images per task.
 
-What ``imaml.cuda_graph.QUERY_PER_TASK`` is chosen from: on the solve path of the
+What ``imaml.fast.QUERY_PER_TASK`` is chosen from: on the solve path of the
 compiled pieces, the query gradient v = ∇L(φ) (and the query loss and accuracy) of the
 omniglot network at 32 tasks' own parameters, compiled (inductor, as ``MetaStep`` does on
 the CPU), either
 
 - ``vmap``: one program over all tasks; each convolution is one grouped convolution;
 - ``per-task``: a one-task program called once per task (dense convolutions), the
-  outputs stacked (``IMAML.pieces(query_per_task=...)``).
+  outputs stacked (``imaml.fast.make_pieces(query_per_task=...)``).
 
 For each number of query images per class (5-way, so 5× that per task), each of
 ``--processes`` fresh processes times both ``--repeats`` times, alternating, and reports
@@ -39,7 +39,7 @@ def run_one(queries: int, repeats: int) -> dict:
     from torch.func import grad_and_value, vmap
 
     from imaml import keep_freed_memory
-    from imaml.cuda_graph import CPU_PIECES_OPTIONS
+    from imaml.fast import CPU_PIECES_OPTIONS
     from imaml.models import OmniglotConvNet
     from imaml.params import detach
 
@@ -94,7 +94,7 @@ def plot(rows: list[dict], path) -> None:
         x = [r["images_per_task"] + dx for r in ok]
         y = [r[name]["median_ms"] / r["images_per_task"] for r in ok]
         ax.scatter(x, y, color=color, s=14, label=name)
-    from imaml.cuda_graph import QUERY_PER_TASK
+    from imaml.fast import QUERY_PER_TASK
 
     least = QUERY_PER_TASK["cpu"]
     ax.axvline(least, color="gray", ls="--", lw=0.8)

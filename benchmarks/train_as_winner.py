@@ -3,7 +3,7 @@
 benchmarks/gpu_check.sh's ``race`` stage times compiled variants of the meta-step
 (``gpu_step.py --compile-variant``) and writes the fastest to a JSON file (``mode``:
 ``pieces`` or ``pieces-solve``, ``conv``, ``inductor_options``). This runs ``imaml train``
-as it would run if those were the defaults: ``imaml.cuda_graph.SOLVE_PIECE["cuda"]`` and
+as it would run if those were the defaults: ``imaml.fast.SOLVE_PIECE["cuda"]`` and
 ``CUDA_PIECES_OPTIONS`` are set from the file, and ``--conv`` is added to the arguments.
 A convolution choice ending in ``-tf32`` (gpu_step.py's) also turns on TF32 matrix
 products (``torch.backends.cuda.matmul.allow_tf32``), as the benchmark did. The run's
@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import sys
 
-import imaml.cuda_graph as cg
+import imaml.fast as cg
 from imaml.cli import main
 
 if __name__ == "__main__":

@@ -38,8 +38,8 @@ import torch
 import imaml.train as tr
 from imaml import make_algorithm
 from imaml.config import from_preset
-from imaml.cuda_graph import MetaStep
 from imaml.data import make_task_families
+from imaml.fast import MetaStep
 
 from common import OUT, write
 

@@ -92,7 +92,7 @@ def test_hvp_vmapped_over_tasks_matches_each_task(mode):
     batch normalisation whose input depends on φ. The product is taken inside vmap; taken
     by torch.autograd over ``vmap(grad(f))`` instead, PyTorch 2.13 gets the products'
     convolution and batch-norm parts wrong here (8-208% in float64; the head's are exact),
-    which is why the pieces never linearise that way (``IMAML.pieces``)."""
+    which is why the pieces never linearise that way (``imaml.fast.make_pieces``)."""
     g = torch.Generator().manual_seed(2)
     model = OmniglotConvNet(3, channels=2, generator=g).double()
     T = 3

@@ -14,7 +14,7 @@ import torch
 from imaml import TaskBatch, make_algorithm
 from imaml.checkpoint import load_checkpoint
 from imaml.config import ConfigError, from_preset
-from imaml.cuda_graph import MetaStep
+from imaml.fast import MetaStep
 from imaml.models import MLP
 
 from conftest import rel
@@ -138,7 +138,7 @@ def test_cli_without_a_working_compiler_is_one_line_and_exit_2(tmp_path):
     ],
 )
 def test_compile_auto_picks_the_pieces_where_they_apply_and_pay(algo, kw, device, steps, expected):
-    from imaml.cuda_graph import AUTO_COMPILE_MIN_STEPS, auto_compile
+    from imaml.fast import AUTO_COMPILE_MIN_STEPS, auto_compile
 
     assert AUTO_COMPILE_MIN_STEPS == {"cuda": 5000, "cpu": 1000}
     model, _, _ = _setup(torch.float32)
@@ -160,7 +160,7 @@ def test_compile_auto_picks_the_pieces_where_they_apply_and_pay(algo, kw, device
 def test_hvp_mode_auto_is_forward_over_reverse_for_compiled_pieces_on_cuda(
     device, compile, expected
 ):
-    from imaml.cuda_graph import auto_hvp_mode
+    from imaml.fast import auto_hvp_mode
 
     assert auto_hvp_mode(device, compile) == expected
 
@@ -229,10 +229,12 @@ def test_a_default_solve_piece_that_fails_falls_back_to_the_product_pieces(
     uncompiled here (compiling takes minutes on 2 cores); what fails is made to."""
     model, theta, batch = _setup(torch.float64)
     alg = make_algorithm("imaml", model=model, loss="mse", inner_steps=2, cg_steps=2)
-    real = type(alg).pieces
+    import imaml.fast.step as fast_step
+
+    real = fast_step.make_pieces
     made = []
 
-    def pieces(wrap, *, solve_piece, query_per_task):
+    def pieces(alg, wrap, *, solve_piece, query_per_task):
         made.append(solve_piece)
         out = real(alg, solve_piece=solve_piece, query_per_task=query_per_task)
         if solve_piece or product_fails:
@@ -244,7 +246,7 @@ def test_a_default_solve_piece_that_fails_falls_back_to_the_product_pieces(
             out = out._replace(**{field: broken})
         return out
 
-    monkeypatch.setattr(alg, "pieces", pieces)
+    monkeypatch.setattr(fast_step, "make_pieces", pieces)
     step = MetaStep(alg, compile="pieces", fallback=True)
     assert step.solve_piece and made == [True]
     with pytest.warns(RuntimeWarning, match="with the solve piece.*one Hessian-vector product"):
@@ -338,12 +340,12 @@ def test_under_fallback_a_compiled_step_the_graph_cannot_capture_is_captured_unc
     """On CUDA, compiled pieces run outside a graph are slower than the uncompiled graph,
     so under fallback a failed capture of the compiled step drops the compilation, not the
     graph. (The capture is simulated: this runs on the CPU.)"""
-    import imaml.cuda_graph as cg
+    import imaml.fast.graph as fast_graph
 
     model, theta, batch = _setup(torch.float64)
     alg = make_algorithm("imaml", model=model, loss="mse", inner_steps=2, cg_steps=2)
 
-    class Capture:  # stands in for cg._Captured: only the uncompiled step can be captured
+    class Capture:  # stands in for imaml.fast.graph.Captured: only the uncompiled step can be captured
         def __init__(self, step, params, batch, warmup):
             if step != alg.meta_grad_tensors:
                 raise RuntimeError("operation not permitted when stream is capturing")
@@ -352,8 +354,8 @@ def test_under_fallback_a_compiled_step_the_graph_cannot_capture_is_captured_unc
         def __call__(self, params, batch):
             return self.step(params, batch)
 
-    monkeypatch.setattr(cg, "_Captured", Capture)
-    monkeypatch.setattr(cg.MetaStep, "applies", lambda self, params, batch: True)
+    monkeypatch.setattr(fast_graph, "Captured", Capture)
+    monkeypatch.setattr(MetaStep, "applies", lambda self, params, batch: True)
     step = MetaStep(alg, compile="pieces", fallback=True)
     with pytest.warns(RuntimeWarning, match="CUDA graph capture of the torch.compile"):
         g, _ = step(theta, batch)

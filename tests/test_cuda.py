@@ -72,7 +72,7 @@ def test_im2col_convolutions_on_cuda_match_native_on_cpu_in_float64(impl):
 @cuda
 @pytest.mark.parametrize("impl", ["unfold", "slices"])
 def test_cuda_graph_with_im2col_convolutions_equals_eager(impl):
-    from imaml.cuda_graph import MetaStep
+    from imaml.fast import MetaStep
     from imaml.models import set_conv_impl
 
     model, theta, batch = conv_setup(torch.float32, T=4, channels=8, device="cuda")

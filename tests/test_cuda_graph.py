@@ -6,7 +6,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from imaml import TaskBatch, make_algorithm
-from imaml.cuda_graph import SOLVE_PIECE, MetaStep
+from imaml.fast import SOLVE_PIECE, MetaStep
+from imaml.fast.pieces import make_pieces, meta_grad_piecewise
 
 from conftest import conv_setup, rel
 
@@ -197,7 +198,7 @@ def test_compiled_step_in_a_graph_equals_eager_in_float64(compile, solve_piece):
 def test_cuda_pieces_compile_with_the_cuda_options(monkeypatch):
     """On CUDA the pieces compile with ``CUDA_PIECES_OPTIONS``; the whole step with
     inductor's own."""
-    from imaml import cuda_graph
+    from imaml import fast as cuda_graph
 
     seen, real = [], torch.compile
     monkeypatch.setattr(
@@ -219,8 +220,8 @@ def test_piecewise_step_in_a_graph_equals_the_vmap_path(solve_piece):
     model, theta, _ = conv_setup(device="cuda", channels=16, T=4)
     alg = make_algorithm("imaml", model=model, inner_steps=4, flat=True)
     step = MetaStep(alg, mode="on")
-    pieces = alg.pieces(solve_piece=solve_piece)
-    step.step = lambda p, b: alg.meta_grad_piecewise(p, b, pieces)
+    pieces = make_pieces(alg, solve_piece=solve_piece)
+    step.step = lambda p, b: meta_grad_piecewise(alg, p, b, pieces)
     for seed in range(2):
         _, _, batch = conv_setup(device="cuda", channels=16, T=4, seed=seed + 1)
         g, stats = step(theta, batch)

@@ -185,7 +185,7 @@ def test_newton_cg_with_gauss_newton_equals_newton_where_the_model_is_linear():
 def test_newton_cg_with_gauss_newton_descends_on_the_conv_net(f64):
     """Where ∇²G is indefinite, the Gauss–Newton Newton steps still lower G every time."""
     from imaml.inner import proximal_objective
-    from imaml.solvers import newton_cg
+    from imaml.inner_optim import newton_cg
 
     model, theta, batch = conv_setup(torch.float64, T=1, channels=3, seed=5)
     alg = make_algorithm("imaml", model=model)

@@ -1,4 +1,4 @@
-"""The piecewise iMAML meta-step (``IMAML.meta_grad_piecewise``, ``--compile pieces``):
+"""The piecewise iMAML meta-step (``imaml.fast.meta_grad_piecewise``, ``--compile pieces``):
 the inner loop and the linear solver run outside vmap over three batched pieces. It must
 compute the vmap path's numbers exactly (float64), never read the device on the host, and
 refuse the settings it does not cover."""
@@ -11,7 +11,8 @@ from test_cuda_graph import RecordSyncs
 
 from imaml import TaskBatch, make_algorithm
 from imaml.config import ConfigError, from_preset
-from imaml.cuda_graph import MetaStep
+from imaml.fast import MetaStep
+from imaml.fast.pieces import make_pieces, meta_grad_piecewise
 from imaml.models import MLP
 
 from conftest import conv_setup, rel
@@ -51,17 +52,17 @@ def test_piecewise_equals_the_vmap_path_in_float64(kw, solve_piece):
     model, theta, batch = conv_setup(torch.float64, T=3)
     kw = {"inner_steps": 3, "lam": 0.5, **kw}
     alg = make_algorithm("imaml", model=model, **kw)
-    pieces = alg.pieces(solve_piece=solve_piece)
+    pieces = make_pieces(alg, solve_piece=solve_piece)
     built = {k for k, f in pieces._asdict().items() if f is not None}
     assert built == {
         "inner_step",
         *(("query", "solve") if solve_piece else ("linearize", "matvec")),
     }
-    out = alg.meta_grad_piecewise(theta, batch, pieces)
+    out = meta_grad_piecewise(alg, theta, batch, pieces)
     _equal(out, alg.meta_grad_tensors(theta, batch))
     # not comparing a thing with itself: another λ changes the answer
     other = make_algorithm("imaml", model=model, **{**kw, "lam": 4 * kw["lam"]})
-    got = other.meta_grad_piecewise(theta, batch, other.pieces(solve_piece=solve_piece))
+    got = meta_grad_piecewise(other, theta, batch, make_pieces(other, solve_piece=solve_piece))
     assert rel(got[0], out[0]) > 1e-6
 
 
@@ -81,13 +82,13 @@ def test_query_gradient_task_by_task_equals_the_vmap_path_in_float64(kw, least):
     sx[1] = float("nan")
     alg = make_algorithm("imaml", model=model, inner_steps=2, **kw)
     calls = []
-    pieces = alg.pieces(
+    pieces = make_pieces(alg,
         lambda f: lambda *a: calls.append(f.__name__) or f(*a),
         solve_piece=True,
         query_per_task=least,
     )
     for b in (batch, TaskBatch(sx, *batch[1:])):
-        _equal(alg.meta_grad_piecewise(theta, b, pieces), alg.meta_grad_tensors(theta, b))
+        _equal(meta_grad_piecewise(alg, theta, b, pieces), alg.meta_grad_tensors(theta, b))
     per_chunk = [3] if "task_chunk" not in kw else [2, 1]
     one_by_one = ["query_one"] * sum(per_chunk) if least <= 5 else ["query"] * len(per_chunk)
     assert [c for c in calls if c.startswith("query")] == one_by_one * 2
@@ -102,7 +103,7 @@ def test_query_per_task_needs_the_solve_path():
         {"query_per_task": True, "solve_piece": True},
     ):
         with pytest.raises(ValueError, match="query_per_task"):
-            alg.pieces(**bad)
+            make_pieces(alg, **bad)
 
 
 def test_piecewise_regression_with_forward_over_reverse_products(f64):
@@ -114,7 +115,7 @@ def test_piecewise_regression_with_forward_over_reverse_products(f64):
     batch = TaskBatch(x(), x(), x(), x())
     ref = make_algorithm("imaml", model=model, loss="mse", inner_steps=3).meta_grad(theta, batch)
     alg = make_algorithm("imaml", model=model, loss="mse", inner_steps=3, hvp_mode="fwd")
-    _equal(alg.meta_grad_piecewise(theta, batch, alg.pieces()), ref)
+    _equal(meta_grad_piecewise(alg, theta, batch, make_pieces(alg)), ref)
 
 
 @pytest.mark.parametrize("solve_piece", [False, True], ids=["matvec", "solve-piece"])
@@ -124,7 +125,7 @@ def test_piecewise_skips_non_finite_tasks_like_the_vmap_path(solve_piece):
     sx[1] = float("nan")
     bad = TaskBatch(sx, *batch[1:])
     alg = make_algorithm("imaml", model=model, inner_steps=2)
-    out = alg.meta_grad_piecewise(theta, bad, alg.pieces(solve_piece=solve_piece))
+    out = meta_grad_piecewise(alg, theta, bad, make_pieces(alg, solve_piece=solve_piece))
     assert out[1]["skipped"].tolist() == [False, True, False]
     _equal(out, alg.meta_grad_tensors(theta, bad))
 
@@ -141,7 +142,7 @@ def test_task_chunks_give_the_whole_batch_meta_gradient(chunk, solve_piece):
     whole = make_algorithm("imaml", model=model, inner_steps=2)
     alg = make_algorithm("imaml", model=model, inner_steps=2, task_chunk=chunk)
     for b in (batch, bad):
-        out = alg.meta_grad_piecewise(theta, b, alg.pieces(solve_piece=solve_piece))
+        out = meta_grad_piecewise(alg, theta, b, make_pieces(alg, solve_piece=solve_piece))
         _equal(out, whole.meta_grad_tensors(theta, b))
     assert out[1]["skipped"].tolist() == [False, False, False, True, False]
 
@@ -149,9 +150,9 @@ def test_task_chunks_give_the_whole_batch_meta_gradient(chunk, solve_piece):
 def test_piecewise_step_never_reads_the_device_on_the_host():
     model, theta, batch = conv_setup(T=2)
     alg = make_algorithm("imaml", model=model, inner_steps=2, flat=True)
-    pieces = alg.pieces()
+    pieces = make_pieces(alg)
     with RecordSyncs() as rec:
-        alg.meta_grad_piecewise(theta, batch, pieces)
+        meta_grad_piecewise(alg, theta, batch, pieces)
     assert rec.seen == []
 
 
@@ -173,7 +174,7 @@ def test_unsupported_settings_are_refused_with_the_reason(algo, kw, why):
         MetaStep(alg, compile="pieces")
     if algo == "imaml" and kw.get("batched", True):
         with pytest.raises(ValueError, match="piecewise meta-step does not support"):
-            alg.meta_grad_piecewise(theta, batch, alg.pieces())
+            meta_grad_piecewise(alg, theta, batch, make_pieces(alg))
 
 
 def test_config_and_cli_compile_modes():
@@ -257,7 +258,7 @@ def test_cpu_pieces_compile_with_our_inductor_options(monkeypatch):
     """On the CPU the pieces compile with ``CPU_PIECES_OPTIONS`` (no channels-last layouts:
     faster there, benchmarks/cpu_variants.py); the whole step with inductor's own;
     ``compile_options`` replaces ours; an unknown option fails when the step is made."""
-    from imaml import cuda_graph
+    from imaml import fast as cuda_graph
 
     seen, real = [], torch.compile
     monkeypatch.setattr(
@@ -285,7 +286,7 @@ def test_cuda_pieces_default_to_the_solve_piece_without_persistent_reductions():
     """On CUDA the pieces compile the solve as one piece, with persistent reductions off
     (Triton failed to compile the piece's fused MINRES update with them, H200 2026-11-27);
     inductor accepts the option (an unknown one fails: above)."""
-    from imaml import cuda_graph
+    from imaml import fast as cuda_graph
 
     assert cuda_graph.SOLVE_PIECE == {"cpu": True, "cuda": True}
     assert cuda_graph.CUDA_PIECES_OPTIONS == {"triton.persistent_reductions": False}
@@ -296,7 +297,7 @@ def test_cuda_pieces_default_to_the_solve_piece_without_persistent_reductions():
 def test_query_per_task_default_by_device_network_and_path():
     """``query_per_task="auto"``: QUERY_PER_TASK[device type] for a convolutional network on
     the solve path, else never; an explicit value is kept, and needs compile='pieces'."""
-    from imaml import cuda_graph
+    from imaml import fast as cuda_graph
 
     conv = make_algorithm("imaml", model=conv_setup()[0])
     mlp = make_algorithm("imaml", model=MLP((1, 4, 1)), loss="mse")

@@ -12,8 +12,8 @@ from test_train import sinusoid
 import imaml.train as tr
 from imaml.algorithms import TaskBatch, make_algorithm
 from imaml.checkpoint import load_checkpoint
-from imaml.cuda_graph import MetaStep
 from imaml.data import make_task_families
+from imaml.fast import MetaStep
 from imaml.train import TASK_STREAM, meta_train
 
 

@@ -10,12 +10,12 @@ import math
 from dataclasses import dataclass, fields
 
 from .algorithms import ALGORITHMS, hyperparameter_names
-from .algorithms.imaml import piecewise_unsupported
 from .autodiff import CURVATURES, HVP_MODES
+from .fast.pieces import piecewise_unsupported
 from .inner import VARIANTS
+from .inner_optim import INNER_SOLVERS
 from .linalg import SOLVERS
 from .models import CONV_CHOICES
-from .solvers import INNER_SOLVERS
 
 TASKS = ("omniglot", "miniimagenet", "sinusoid")
 DEFAULT_LAM = {"imaml": 2.0, "maml": 0.0, "fomaml": 0.0, "reptile": 0.0}

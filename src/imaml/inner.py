@@ -13,8 +13,8 @@ from typing import NamedTuple
 
 from torch import Tensor
 
+from .inner_optim import INNER_SOLVERS, get_inner_solver
 from .params import Params
-from .solvers import INNER_SOLVERS, get_inner_solver
 
 VARIANTS = ("paper", "reference_code")
 Lam = float | Tensor | Mapping[str, float | Tensor]

@@ -8,7 +8,7 @@ tensors. A 2-D ``b`` of shape (T, n) is T independent systems solved together ou
 vmap (``matvec`` maps (T, n) to (T, n) row by row; every dot product, step size and
 stopping test is per row and ``info`` holds tensors of shape (T,)); this is what lets a
 batched meta-step compile its Hessian-vector product once instead of once per solver
-step (``IMAML.meta_grad_piecewise``).
+step (``imaml.fast.meta_grad_piecewise``).
 
 ``info``:
 

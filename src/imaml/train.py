@@ -31,9 +31,9 @@ from . import distributed
 from .algorithms import TaskBatch, make_algorithm
 from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from .config import RUNTIME_FIELDS, Config, ConfigError
-from .cuda_graph import MetaStep, auto_compile, auto_hvp_mode
 from .data import make_task_families
 from .evaluate import evaluate, evaluate_run
+from .fast import MetaStep, auto_compile, auto_hvp_mode
 from .machine import machine_info
 from .models import set_conv_impl
 from .run_folder import RunLock, StopFlag, prepare_folder, record_machine, trim_metrics

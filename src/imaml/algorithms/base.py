@@ -27,8 +27,8 @@ from torch.func import functional_call, grad, vmap
 
 from ..autodiff import SplitLoss
 from ..inner import VARIANTS, adapt, proximal_objective
+from ..inner_optim import get_inner_solver
 from ..params import Params, norm, ravel
-from ..solvers import get_inner_solver
 from .checks import (
     batch_statistics,
     check_batch,
@@ -281,7 +281,7 @@ class MetaAlgorithm:
     ) -> tuple[Params, dict[str, Tensor]]:
         """``meta_grad`` without its check: tensors in, tensors out, no host-device
         synchronisation on the batched path, so it can be captured as a CUDA graph
-        (``imaml.cuda_graph``)."""
+        (``imaml.fast``)."""
         theta = self.trainable(params)
         if self.batched:
             packed = self.pack(theta)

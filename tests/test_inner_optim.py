@@ -5,8 +5,8 @@ from torch.func import grad
 from imaml import adapt, implicit_meta_grad, make_algorithm
 from imaml.implicit import lam_gradient, solve_implicit
 from imaml.inner import proximal_objective
+from imaml.inner_optim import INNER_SOLVERS
 from imaml.params import norm
-from imaml.solvers import INNER_SOLVERS
 
 from conftest import rel
 
