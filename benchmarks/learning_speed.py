@@ -17,6 +17,7 @@ its last checkpoint; a step is scored once; ``report`` averages only scored step
     python benchmarks/learning_speed.py run --configs imaml-paper-minres,fomaml --seeds 0 \\
         --steps 250,500 --workers 2
     python benchmarks/learning_speed.py report     # docs/results/learning_speed.{json,png}
+    python benchmarks/learning_speed.py time       # seconds per step, quiet and interleaved
     python benchmarks/learning_speed.py list       # the configurations and what they set
 """
 
@@ -31,11 +32,24 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = Path(os.environ.get("LEARNING_SPEED_RUNS", ROOT / "results" / "learning_speed"))
 RESULTS = ROOT / "docs" / "results"
 PRESET = "omniglot-5w1s"
 VAL_SEED = 20_261_203  # one validation task stream for every configuration and seed
+RECORD_KEYS = (
+    "name",
+    "algo",
+    "is_default",
+    "seed",
+    "step",
+    "val_acc",
+    "val_acc_own",
+    "val_tasks",
+    "s_per_step",
+    "machine",
+)
 COMMON_EVAL = {"lam": 0.0, "inner_steps": 16, "inner_lr": 0.1, "solver": "gd", "tol": 0.0}
 
 # iMAML's settings, pinned (they must not move when the preset's defaults move): the
@@ -269,6 +283,54 @@ def summarise(records: list[dict]) -> list[dict]:
     return rows
 
 
+def cmd_time(args) -> None:
+    """Seconds per meta-step of each configuration on a quiet machine: one process, one
+    thread (as the runs), the configurations' steps interleaved round by round so that a
+    drifting machine slows them alike (benchmarks/common.interleaved). The runs' own step
+    times are taken beside other work and are only rough."""
+    import torch
+
+    from imaml.algorithms import make_algorithm
+    from imaml.data import make_task_families
+
+    from common import interleaved, machine
+
+    torch.set_num_threads(1)
+    names = args.configs.split(",")
+    fns = {}
+    gen = torch.Generator().manual_seed(0)
+    for name in names:
+        cfg = config_for(name, 0)
+        families, _ = make_task_families(cfg, progress=False)
+        model = families["train"].make_model(torch.Generator().manual_seed(0))
+        alg = make_algorithm(
+            cfg.algo, model=model, loss=families["train"].loss, **cfg.algorithm_kwargs()
+        )
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        batch = families["train"].sample(cfg.meta_batch, generator=gen)
+        fns[name] = lambda alg=alg, params=params, batch=batch: alg.meta_grad(params, batch)
+        fns[name]()  # warm-up
+    times = interleaved(fns, repeats=args.repeats)
+    payload = {
+        "command": "python benchmarks/learning_speed.py time --configs " + args.configs,
+        "s_per_step": {n: t["median_s"] for n, t in times.items()},
+        "spread": {n: {k: v for k, v in t.items() if k != "times_s"} for n, t in times.items()},
+        "threads": 1,
+        "machine": machine(),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "learning_speed_times.json").write_text(json.dumps(payload, indent=1))
+    for n, t in times.items():
+        print(
+            f"{n:<28} {t['median_s']:.2f} s per meta-step (range {t['min_s']:.2f}-{t['max_s']:.2f})"
+        )
+
+
+def quiet_times() -> dict:
+    path = RESULTS / "learning_speed_times.json"
+    return json.loads(path.read_text())["s_per_step"] if path.exists() else {}
+
+
 def cmd_report(args) -> None:
     records = []
     for folder in sorted(RUNS.glob("*-s*")):
@@ -276,8 +338,13 @@ def cmd_report(args) -> None:
             records += read_points(folder)
     for r in records:  # today's default, whatever it was when the point was scored
         r["is_default"] = r["name"] in CONFIGS and is_default(r["name"])
+    # the results-file contract's keys (the confidence intervals stay in points.jsonl)
+    records = [{k: r[k] for k in RECORD_KEYS} for r in records]
     RESULTS.mkdir(parents=True, exist_ok=True)
     rows = summarise(records)
+    quiet = quiet_times()
+    for r in rows:  # seconds per step measured quietly (``time``), where measured
+        r["s_per_step_quiet"] = quiet.get(r["name"])
     payload = {
         "command": "python benchmarks/learning_speed.py report",
         "preset": PRESET,
@@ -307,13 +374,14 @@ def plot(rows: list[dict], path: Path) -> None:
     for name in sorted({r["name"] for r in rows}):
         rs = [r for r in rows if r["name"] == name]
         steps = [r["step"] for r in rs]
-        secs = [r["step"] * r["s_per_step"] / 60 for r in rs]
+        per = [r["s_per_step_quiet"] or r["s_per_step"] for r in rs]
+        secs = [r["step"] * p / 60 for r, p in zip(rs, per, strict=True)]
         acc = [100 * r["val_acc"] for r in rs]
         style = "-" if rs[0]["name"] in ("fomaml", "maml", "reptile") else "--"
         axes[0].plot(steps, acc, style, marker="o", label=name)
         axes[1].plot(secs, acc, style, marker="o", label=name)
     axes[0].set_xlabel("meta-steps")
-    axes[1].set_xlabel("minutes of training (1 thread)")
+    axes[1].set_xlabel("minutes of training, 1 thread (quiet step times where measured)")
     for ax in axes:
         ax.set_ylabel("validation accuracy, common evaluation (%)")
         ax.grid(alpha=0.3)
@@ -338,6 +406,9 @@ def main(argv=None) -> None:
         q.add_argument("--steps", default="250,500,1000", help="comma-separated meta-steps")
         q.add_argument("--val-tasks", type=int, default=600)
     sub.add_parser("report", help="write docs/results/learning_speed.{json,png}")
+    t = sub.add_parser("time", help="seconds per step of each configuration, interleaved")
+    t.add_argument("--configs", default=",".join(CONFIGS))
+    t.add_argument("--repeats", type=int, default=5)
     sub.add_parser("list", help="the configurations")
     ARGS = p.parse_args(argv)
     if ARGS.cmd == "run":
@@ -346,6 +417,8 @@ def main(argv=None) -> None:
         run_one(ARGS.name, ARGS.seed, [int(s) for s in ARGS.steps.split(",")])
     elif ARGS.cmd == "report":
         cmd_report(ARGS)
+    elif ARGS.cmd == "time":
+        cmd_time(ARGS)
     else:
         for name, values in CONFIGS.items():
             print(f"{name}: {values}")

@@ -75,3 +75,20 @@ def test_unknown_configuration_stops_with_its_name(tmp_path, monkeypatch):
     study = load_study(tmp_path, monkeypatch)
     with pytest.raises(SystemExit, match="unknown configuration 'nope'"):
         study.main(["run", "--configs", "fomaml,nope", "--steps", "1"])
+
+
+@needs_real
+def test_time_records_each_configuration_and_report_uses_it(tmp_path, monkeypatch):
+    study = load_study(tmp_path, monkeypatch)
+    monkeypatch.setattr(study, "RESULTS", tmp_path / "results")
+    study.main(["time", "--configs", "fomaml,imaml-paper-ggn", "--repeats", "1"])
+    times = json.loads((tmp_path / "results" / "learning_speed_times.json").read_text())
+    assert set(times["s_per_step"]) == {"fomaml", "imaml-paper-ggn"}
+    assert all(t > 0 for t in times["s_per_step"].values())
+    study.main(["one", "fomaml", "0", "--steps", "1", "--val-tasks", "4"])
+    study.main(["report"])
+    report = json.loads((tmp_path / "results" / "learning_speed.json").read_text())
+    (row,) = report["summary"]
+    assert row["s_per_step_quiet"] == times["s_per_step"]["fomaml"]
+    assert report["records"][0]["val_tasks"] == 4
+    assert set(report["records"][0]) == set(study.RECORD_KEYS)  # the contract, exactly
