@@ -51,13 +51,18 @@ def test_ggn_product_equals_dense_matrix(loss):
     assert torch.linalg.eigvalsh(G)[0] > -1e-12  # positive semi-definite
 
 
-def test_ggn_equals_hessian_for_a_linear_model_with_squared_error():
-    """For outputs linear in the parameters the loss's curvature is all there is: G = H."""
-    g = torch.Generator().manual_seed(1)
+def linear_problem(seed):
+    """Squared error of a model linear in its parameters, a point and a generator."""
+    g = torch.Generator().manual_seed(seed)
     X = torch.randn(9, 4, generator=g, dtype=torch.float64)
     Y = torch.randn(9, 2, generator=g, dtype=torch.float64)
     f = SplitLoss(lambda p: X @ p["w"], lambda z: 0.5 * ((z - Y) ** 2).sum(-1).mean())
-    params = {"w": torch.randn(4, 2, generator=g, dtype=torch.float64)}
+    return f, {"w": torch.randn(4, 2, generator=g, dtype=torch.float64)}, g
+
+
+def test_ggn_equals_hessian_for_a_linear_model_with_squared_error():
+    """For outputs linear in the parameters the loss's curvature is all there is: G = H."""
+    f, params, g = linear_problem(1)
     v = {"w": torch.randn(4, 2, generator=g, dtype=torch.float64)}
     Gv = linearize_curvature(f, params, curvature="ggn")[1](v)
     Hv = linearize_curvature(f, params, curvature="hessian")[1](v)
@@ -160,11 +165,7 @@ def test_newton_cg_with_gauss_newton_equals_newton_where_the_model_is_linear():
     """A linear model with squared error: G = H, so both inner solvers take the same steps."""
     from imaml import adapt
 
-    g = torch.Generator().manual_seed(4)
-    X = torch.randn(9, 4, generator=g, dtype=torch.float64)
-    Y = torch.randn(9, 2, generator=g, dtype=torch.float64)
-    f = SplitLoss(lambda p: X @ p["w"], lambda z: 0.5 * ((z - Y) ** 2).sum(-1).mean())
-    theta = {"w": torch.randn(4, 2, generator=g, dtype=torch.float64)}
+    f, theta, _ = linear_problem(4)
     out = {}
     for curvature in ("hessian", "ggn"):
         out[curvature] = adapt(

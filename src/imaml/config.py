@@ -6,11 +6,11 @@ The full config is stored in every checkpoint, ``config.json`` and results file.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, fields
 
 from .algorithms import ALGORITHMS, hyperparameter_names
 from .autodiff import CURVATURES, HVP_MODES
+from .checks import check_choice, check_int, check_number
 from .fast.pieces import piecewise_unsupported
 from .inner import VARIANTS
 from .inner_optim import INNER_SOLVERS
@@ -168,26 +168,17 @@ class Config:
 
 
 def _int(cfg, name, minimum):
-    v = getattr(cfg, name)
-    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {v!r}")
+    check_int(name, getattr(cfg, name), minimum, error=ConfigError)
 
 
 def _num(cfg, name, *, positive, allow_none=False):
     v = getattr(cfg, name)
-    if v is None and allow_none:
-        return
-    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-    if not ok or (v <= 0 if positive else v < 0):
-        raise ConfigError(
-            f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {v!r}"
-        )
+    if not (v is None and allow_none):
+        check_number(name, v, positive=positive, error=ConfigError)
 
 
 def _choice(cfg, name, options):
-    v = getattr(cfg, name)
-    if v not in options:
-        raise ConfigError(f"unknown {name} {v!r}; choose one of {', '.join(options)}")
+    check_choice(name, getattr(cfg, name), options, error=ConfigError)
 
 
 def _types(cfg: Config) -> None:

@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.func import grad_and_value
 
 from .autodiff import CURVATURES, in_transform, linearize_curvature
+from .checks import check_choice, check_int, check_number
 from .inner import adapt, proximal_objective
 from .linalg import SOLVERS, solve
 from .params import Params, check_same_structure
@@ -106,12 +107,9 @@ def lam_gradient(g: Params, support_grad: Params, lam) -> Tensor | dict[str, Ten
 
 
 def check_hyperparameters(*, lam: float, steps: int, solver: str) -> None:
-    if not (isinstance(lam, int | float) and lam > 0 and lam != float("inf")):
-        raise ValueError(f"lam (λ, the proximal strength) must be a finite number > 0, got {lam!r}")
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-        raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    check_number("lam (λ, the proximal strength)", lam, positive=True)
+    check_int("steps", steps)
+    check_choice("solver", solver, SOLVERS)
 
 
 def implicit_meta_grad(

@@ -7,12 +7,12 @@
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 from torch import Tensor
 
+from .checks import check_int, check_number
 from .inner_optim import INNER_SOLVERS, get_inner_solver
 from .params import Params
 
@@ -94,20 +94,12 @@ def solver_options(solver: str | Callable, options: Mapping | None) -> dict:
 
 def _check_adapt(lam, inner_steps, inner_lr, tol) -> None:
     """One-line errors for the inner loop's numbers (a tensor λ, e.g. learned, is not read)."""
-    plain = lambda v: isinstance(v, int | float) and not isinstance(v, bool)
-    if isinstance(lam, Mapping):
-        lams = list(lam.values())
-    else:
-        lams = [lam]
-    for v in lams:
-        if not isinstance(v, Tensor) and not (plain(v) and math.isfinite(v) and v >= 0):
-            raise ValueError(f"lam (λ) must be a finite number >= 0, got {v!r}")
-    if not isinstance(inner_steps, int) or isinstance(inner_steps, bool) or inner_steps < 0:
-        raise ValueError(f"inner_steps must be an integer >= 0, got {inner_steps!r}")
-    if not (plain(inner_lr) and math.isfinite(inner_lr) and inner_lr > 0):
-        raise ValueError(f"inner_lr must be a finite number > 0, got {inner_lr!r}")
-    if not (plain(tol) and math.isfinite(tol) and tol >= 0):
-        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+    for v in lam.values() if isinstance(lam, Mapping) else [lam]:
+        if not isinstance(v, Tensor):
+            check_number("lam (λ)", v, positive=False)
+    check_int("inner_steps", inner_steps)
+    check_number("inner_lr", inner_lr, positive=True)
+    check_number("tol", tol, positive=False)
 
 
 def adapt(

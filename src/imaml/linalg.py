@@ -43,6 +43,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .checks import check_int, check_number
 from .params import ravel
 
 SOLVERS = ("cg", "minres", "neumann", "exact")
@@ -69,10 +70,8 @@ def _flat_problem(matvec: Callable, b: Vector, x0: Vector | None):
 
 
 def _check(steps: int, tol: float):
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-        raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
-    if not tol >= 0:
-        raise ValueError(f"tol must be >= 0, got {tol!r}")
+    check_int("steps", steps)
+    check_number("tol", tol, positive=False)
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:

@@ -17,7 +17,6 @@ backward costs more; so ``flat=None`` (default) flattens on CUDA only.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -26,6 +25,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from ..autodiff import SplitLoss
+from ..checks import check_int, check_number
 from ..inner import VARIANTS, adapt, proximal_objective
 from ..inner_optim import get_inner_solver
 from ..params import Params, norm, ravel
@@ -61,20 +61,6 @@ class TaskBatch(NamedTuple):
         return TaskBatch(*(t[i] for t in self))
 
 
-def _check_int(name: str, value, minimum: int = 0) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_float(name: str, value, *, positive: bool) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > 0 if positive else value >= 0)
-    if not ok:
-        raise ValueError(
-            f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}"
-        )
-
-
 class MetaAlgorithm:
     """Base class. Subclasses set ``name`` and implement ``task_meta_grad``.
 
@@ -102,17 +88,17 @@ class MetaAlgorithm:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self._loss_fn = loss_function(loss)
-        _check_float("lam", lam, positive=False)
-        _check_int("inner_steps", inner_steps)
-        _check_float("inner_lr", inner_lr, positive=True)
+        check_number("lam", lam, positive=False)
+        check_int("inner_steps", inner_steps)
+        check_number("inner_lr", inner_lr, positive=True)
         get_inner_solver(inner_solver)
-        _check_float("inner_tol", inner_tol, positive=False)
+        check_number("inner_tol", inner_tol, positive=False)
         if inner_options is not None and not isinstance(inner_options, dict):
             raise ValueError(f"inner_options must be a dict, got {type(inner_options).__name__}")
         if variant not in VARIANTS:
             raise ValueError(f"unknown inner-loop variant {variant!r}; choose one of {VARIANTS}")
         if task_chunk is not None:
-            _check_int("task_chunk", task_chunk, minimum=1)
+            check_int("task_chunk", task_chunk, minimum=1)
         self.model = model
         self.loss = loss
         self.lam = float(lam)

@@ -8,10 +8,11 @@ import torch
 from torch.func import grad_and_value
 
 from ..autodiff import CURVATURES, HVP_MODES
+from ..checks import check_number
 from ..implicit import check_hyperparameters, lam_gradient, solve_implicit
 from ..inner import proximal_gradient
 from ..params import Params, norm
-from .base import MetaAlgorithm, _check_float
+from .base import MetaAlgorithm
 
 DEFAULT_SOLVER = "minres"  # sound on indefinite I + H/λ; see benchmarks/solver_accuracy.py
 LEARN_LAM = ("none", "scalar", "per_tensor")
@@ -76,9 +77,9 @@ class IMAML(MetaAlgorithm):
             task_chunk=task_chunk,
         )
         check_hyperparameters(lam=lam, steps=cg_steps, solver=solver)
-        _check_float("cg_tol", cg_tol, positive=False)
-        _check_float("cg_damping", cg_damping, positive=False)
-        _check_float("lam_damping", lam_damping, positive=False)
+        check_number("cg_tol", cg_tol, positive=False)
+        check_number("cg_damping", cg_damping, positive=False)
+        check_number("lam_damping", lam_damping, positive=False)
         if hvp_mode not in HVP_MODES:
             raise ValueError(f"unknown hvp_mode {hvp_mode!r}; choose one of {HVP_MODES}")
         if curvature not in CURVATURES:
