@@ -156,7 +156,8 @@ def variant_step(variant: str, args, model, batch, reference=None):
     the inductor options ``fn`` runs under."""
     from imaml import TaskBatch
     from imaml.fast import MetaStep
-    from imaml.models import Conv2d
+
+    from conv_variants import set_conv_impl
 
     def step_for(dtype, compile="off", **kw):
         if variant.endswith("threads") and dtype == torch.float32:
@@ -167,7 +168,7 @@ def variant_step(variant: str, args, model, batch, reference=None):
             return threads_step(steps, {k: v.detach() for k, v in model.named_parameters()}, batch)
         m = copy.deepcopy(model).to(dtype)
         if variant == "pieces-unfold-first" and dtype == torch.float32:
-            next(c for c in m.modules() if isinstance(c, Conv2d)).impl = "unfold"
+            set_conv_impl(m, "unfold-first")
         alg = peer_algorithm(m, solver=args.solver, **kw)
         params = {k: v.detach() for k, v in m.named_parameters()}
         b = TaskBatch(batch.support_x.to(dtype), batch[1], batch.query_x.to(dtype), batch[3])

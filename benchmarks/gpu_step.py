@@ -10,13 +10,13 @@ replayed; ``imaml.fast``), ``graph-dict`` (the graph, per-tensor parameters),
 ``graph-hvp-fwd`` (the graph, forward-over-reverse HVPs). MAML, FOMAML and Reptile are
 timed on the graph path too.
 
-Convolutions (``--convs``; ``imaml.models.set_conv_impl``): ``native`` (cuDNN; under vmap
+Convolutions (``--convs``; ``conv_variants.set_conv_impl``): ``native`` (cuDNN; under vmap
 a grouped convolution, one group per task), ``unfold`` (im2col + batched GEMM in full
 float32), ``unfold-tf32`` (the same with TF32 matrix products, as cuDNN's convolutions
 use TF32 by default), ``unfold-first`` (only the first layer unfolded: with one input
 channel, vmap's grouped convolution is a depthwise one); for the compiled variants also
 ``slices`` and ``slices-first`` (im2col from strided slices, which inductor fuses;
-``imaml.models.conv2d_slices``), each also with ``-tf32`` (TF32 matrix products). The
+``conv_variants.conv2d_slices``), each also with ``-tf32`` (TF32 matrix products). The
 loop and the eager per-tensor vmap run with ``native`` only.
 
 Times are medians over ``--repeats`` calls, each bracketed by synchronisations; memory is
@@ -64,13 +64,14 @@ import torch._inductor.config as inductor_config
 
 from imaml import TaskBatch, make_algorithm
 from imaml.fast import MetaStep, make_pieces, meta_grad_piecewise
-from imaml.models import OmniglotConvNet, set_conv_impl
+from imaml.models import OmniglotConvNet
 from imaml.params import norm, sub
 
 from common import OUT, machine, timeit
+from conv_variants import set_conv_impl
 
 CONVS = ("native", "unfold", "unfold-tf32", "unfold-first")
-# im2col from strided slices (imaml.models.conv2d_slices), all layers or the first: for the
+# im2col from strided slices (conv_variants.conv2d_slices), all layers or the first: for the
 # compiled variants (--compile-conv), where inductor fuses the slices
 COMPILE_CONVS = (*CONVS, "slices", "slices-first", "slices-tf32", "slices-first-tf32")
 

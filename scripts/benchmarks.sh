@@ -14,7 +14,6 @@ $PY inner_solvers.py
 $PY peers.py --repeats 5
 $PY peers.py --float64
 $PY roofline.py            # reads peers.json
-$PY conv_layouts.py
 $PY cpu_variants.py
 $PY cpu_variants.py --solver minres
 $PY cpu_variants.py --repeats 5 --name cpu_pieces_tried \

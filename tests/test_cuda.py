@@ -1,7 +1,12 @@
 """CUDA paths agree with the CPU ones (run by benchmarks/gpu_check.sh; skipped without CUDA)."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from imaml import make_algorithm
 
@@ -56,7 +61,7 @@ def test_training_with_cuda_graphs_matches_eager(tmp_path):
 @cuda
 @pytest.mark.parametrize("impl", ["unfold", "slices"])
 def test_im2col_convolutions_on_cuda_match_native_on_cpu_in_float64(impl):
-    from imaml.models import set_conv_impl
+    from conv_variants import set_conv_impl
 
     out = []
     for device, conv in (("cpu", "native"), ("cuda", impl)):
@@ -73,7 +78,8 @@ def test_im2col_convolutions_on_cuda_match_native_on_cpu_in_float64(impl):
 @pytest.mark.parametrize("impl", ["unfold", "slices"])
 def test_cuda_graph_with_im2col_convolutions_equals_eager(impl):
     from imaml.fast import MetaStep
-    from imaml.models import set_conv_impl
+
+    from conv_variants import set_conv_impl
 
     model, theta, batch = conv_setup(torch.float32, T=4, channels=8, device="cuda")
     set_conv_impl(model, impl)

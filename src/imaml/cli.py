@@ -100,12 +100,6 @@ HELP = {
     "for reuse, so the meta-step's large tensors are not page-faulted in afresh every step "
     "(same numbers; resident memory stays at its peak; benchmarks/peers.py); system: "
     "glibc's defaults",
-    "conv": "native (default), unfold, slices, unfold-first or slices-first: how the "
-    "network's convolutions are computed (same parameters, same math): the backend's "
-    "(cuDNN, oneDNN; under vmap a grouped convolution per layer), im2col by F.unfold, or "
-    "im2col from strided slices and one matrix product per task, which torch.compile fuses; "
-    "-first: the first layer only (see imaml.models and benchmarks/gpu_step.py "
-    "--compile-conv)",
 }
 
 
@@ -275,7 +269,7 @@ def read_config_file(path: str) -> dict:
         raise ConfigError(f"config file {p} is not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a JSON object, got {type(data).__name__}")
-    known = {f.name for f in fields(Config)}
+    known = {f.name for f in fields(Config)} | {"conv"}  # conv: older configs (Config.from_dict)
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"config file {p}: unknown keys {unknown}")

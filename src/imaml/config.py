@@ -15,7 +15,6 @@ from .fast.pieces import piecewise_unsupported
 from .inner import VARIANTS
 from .inner_optim import INNER_SOLVERS
 from .linalg import SOLVERS
-from .models import CONV_CHOICES
 
 TASKS = ("omniglot", "miniimagenet", "sinusoid")
 DEFAULT_LAM = {"imaml": 2.0, "maml": 0.0, "fomaml": 0.0, "reptile": 0.0}
@@ -38,7 +37,6 @@ RUNTIME_FIELDS = (
     "cuda_graph",
     "compile",
     "cpu_malloc",
-    "conv",
 )
 
 
@@ -102,7 +100,6 @@ class Config:
     cuda_graph: str = "auto"  # auto | on | off: replay the meta-step as a CUDA graph
     compile: str = "auto"  # auto | off | step | pieces: torch.compile the meta-step (cuda_graph)
     cpu_malloc: str = "keep"  # keep | system: glibc keeps freed memory for reuse (imaml.malloc)
-    conv: str = "native"  # how convolutions are computed (models.CONV_CHOICES; same math)
 
     def __post_init__(self):
         if isinstance(self.compile, bool):  # configs written before compile took a mode
@@ -125,6 +122,13 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> Config:
+        if "conv" in d:  # a field of configs saved before the convolution variants left
+            if d["conv"] != "native":
+                raise ConfigError(
+                    f"conv {d['conv']!r}: the convolution variants left the library (they "
+                    "were slower everywhere; benchmarks/conv_variants.py has them); use native"
+                )
+            d = {k: v for k, v in d.items() if k != "conv"}
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -253,7 +257,6 @@ def validate(cfg: Config) -> None:
     _choice(cfg, "cuda_graph", ("auto", "on", "off"))
     _choice(cfg, "flat", ("auto", "on", "off"))
     _choice(cfg, "cpu_malloc", ("keep", "system"))
-    _choice(cfg, "conv", CONV_CHOICES)
     _choice(cfg, "compile", ("auto", "off", "step", "pieces"))
     for name in ("cuda_graph", "compile"):
         if getattr(cfg, name) in ("on", "step", "pieces") and not cfg.batched:

@@ -22,7 +22,6 @@ from .config import Config
 from .data import make_task_families
 from .distributed import gather_tasks
 from .machine import machine_info
-from .models import set_conv_impl
 from .params import Params
 from .run_folder import write_json
 from .runtime import TEST_STREAM, setup_runtime
@@ -132,7 +131,7 @@ def evaluate_run(
     families, split_info = make_task_families(cfg, progress=progress)
     if families.get(split) is None:
         raise ValueError(f"this run has no {split!r} split")
-    model = set_conv_impl(families["train"].make_model(), cfg.conv).to(device=device, dtype=dtype)
+    model = families["train"].make_model().to(device=device, dtype=dtype)
     params = {k: v.to(device=device, dtype=dtype) for k, v in ckpt["params"].items()}
     alg = make_algorithm(
         cfg.algo, model=model, loss=families["train"].loss, **cfg.algorithm_kwargs()

@@ -35,7 +35,6 @@ from .data import make_task_families
 from .evaluate import evaluate, evaluate_run
 from .fast import MetaStep, auto_compile, auto_hvp_mode
 from .machine import machine_info
-from .models import set_conv_impl
 from .run_folder import RunLock, StopFlag, prepare_folder, record_machine, trim_metrics
 from .runtime import TASK_STREAM, TEST_STREAM, VAL_STREAM, resolve_device, setup_runtime
 
@@ -201,7 +200,7 @@ class _Run:
             raise ConfigError(f"cuda_graph on needs a CUDA device; this run is on {device}")
         families, split_info = make_task_families(cfg, progress=progress)
         model = families["train"].make_model(torch.Generator().manual_seed(cfg.seed))
-        model = set_conv_impl(model.to(device=device, dtype=dtype), cfg.conv)
+        model = model.to(device=device, dtype=dtype)
         # CUDA graph replay where it applies; torch.compile when asked, or (auto) where it
         # pays over the schedule (the whole of it: a resumed run chooses as the
         # uninterrupted one)

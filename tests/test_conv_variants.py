@@ -1,21 +1,21 @@
-"""The networks' convolutions: im2col + matrix product (``impl="unfold"``, ``impl="slices"``)
-is the backend's convolution, to every order of derivative the algorithms take, under vmap
-over tasks."""
+"""The speed benchmarks' other convolutions (benchmarks/conv_variants.py): im2col + matrix
+product (``impl="unfold"``, ``impl="slices"``) is the backend's convolution, to every order
+of derivative the algorithms take, under vmap over tasks."""
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from imaml import make_algorithm
-from imaml.models import (
-    Conv2d,
-    MiniImagenetConvNet,
-    conv2d_slices,
-    conv2d_unfold,
-    set_conv_impl,
-)
+from imaml.models import MiniImagenetConvNet
 
 from conftest import conv_setup, rel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from conv_variants import Conv2d, conv2d_slices, conv2d_unfold, set_conv_impl  # noqa: E402
 
 
 @pytest.mark.parametrize(
