@@ -132,7 +132,7 @@ def pending(names: list[str] | None) -> list[str]:
 
 
 # -- one cell: train until the deadline, evaluate when finished -----------------------
-def train_cell(cell: str, deadline: float, device: str) -> None:
+def train_cell(cell: str, deadline: float, device: str, stop_after: float | None = None) -> None:
     from imaml.train import evaluate_run, meta_train
 
     folder = RUNS / cell
@@ -142,6 +142,8 @@ def train_cell(cell: str, deadline: float, device: str) -> None:
         budget = deadline - time.time()
         if budget < 30:
             return
+        if stop_after is not None:  # seconds of training (throughput), set-up not counted
+            budget = min(budget, stop_after)
         cfg = cell_config(cell, device=device)
         meta_train(
             cfg,
@@ -383,6 +385,66 @@ def cmd_time(args) -> None:
         )
 
 
+def cmd_throughput(args) -> None:
+    """Meta-steps per second across ``--parallel`` cells trained at once (one process each,
+    as ``run`` does), against the first cell trained alone, each for ``--seconds`` of
+    training in scratch folders (the table's runs are not touched). The ratio is what one
+    allocation gains by advancing several cells (target: >= 3 on a GPU)."""
+    from imaml.machine import machine_info
+
+    names = (args.cells.split(",") if args.cells else cells())[: args.parallel]
+    for c in names:
+        split_cell(c)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, group in (("alone", names[:1]), ("together", names)):
+            runs = Path(tmp) / label
+            env = {**os.environ, "TABLE2_RUNS": str(runs), "PYTHONUNBUFFERED": "1"}
+            deadline = time.time() + args.seconds + 120  # set-up and compilation excluded below
+            procs = [
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        __file__,
+                        "cell",
+                        c,
+                        "--deadline",
+                        str(deadline),
+                        "--device",
+                        args.device,
+                        "--stop-after",
+                        str(args.seconds),
+                    ],
+                    env=env,
+                )
+                for c in group
+            ]
+            for proc in procs:
+                proc.wait()
+            rates = {}
+            for c in group:
+                lines = (runs / c / "metrics.jsonl").read_text().splitlines()
+                times = [json.loads(line)["step_time"] for line in lines][args.warmup :]
+                rates[c] = len(times) / sum(times) if times else 0.0
+            out[label] = rates
+    alone = out["alone"][names[0]]
+    total = sum(out["together"].values())
+    payload = {
+        "command": "python benchmarks/table2.py throughput " + " ".join(sys.argv[2:]),
+        "cells": names,
+        "steps_per_s_alone": alone,
+        "steps_per_s_together": out["together"],
+        "ratio": total / alone if alone else None,
+        "machine": machine_info(),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "table2_throughput.json").write_text(json.dumps(payload, indent=1))
+    print(
+        f"{len(names)} cells together: {total:.2f} meta-steps/s, {payload['ratio']:.2f}x one alone "
+        f"({alone:.2f}/s)"
+    )
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -402,6 +464,13 @@ def main(argv=None) -> int:
     c.add_argument("cell")
     c.add_argument("--deadline", type=float, required=True)
     c.add_argument("--device", default="auto")
+    c.add_argument("--stop-after", type=float, help="seconds of training at most")
+    h = sub.add_parser("throughput", help="meta-steps per second, cells together vs one alone")
+    h.add_argument("--cells", help="comma-separated cells (default: the first ones)")
+    h.add_argument("--parallel", type=int, default=4)
+    h.add_argument("--seconds", type=float, default=60)
+    h.add_argument("--warmup", type=int, default=5, help="first steps left out (compilation)")
+    h.add_argument("--device", default="auto")
     u = sub.add_parser("unpack", help="swap archived cells into results/table2/")
     u.add_argument("archives", nargs="+")
     sub.add_parser("status", help="write docs/results/table2.{json,md}")
@@ -415,7 +484,9 @@ def main(argv=None) -> int:
         if args.cmd == "run":
             cmd_run(args)
         elif args.cmd == "cell":
-            train_cell(args.cell, args.deadline, args.device)
+            train_cell(args.cell, args.deadline, args.device, args.stop_after)
+        elif args.cmd == "throughput":
+            cmd_throughput(args)
         elif args.cmd == "time":
             cmd_time(args)
         elif args.cmd == "unpack":
