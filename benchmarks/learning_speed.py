@@ -78,6 +78,8 @@ CONFIGS: dict[str, dict] = {
     "imaml-paper-ggn-lam1": dict(_IMAML, curvature="ggn", solver="cg", lam=1.0),
     "imaml-paper-ggn-lam0.5": dict(_IMAML, curvature="ggn", solver="cg", lam=0.5),
     "imaml-paper-ggn-lam5": dict(_IMAML, curvature="ggn", solver="cg", lam=5.0),
+    "imaml-paper-ggn-lam0.25": dict(_IMAML, curvature="ggn", solver="cg", lam=0.25),
+    "imaml-paper-minres-lam0.5": dict(_IMAML, lam=0.5),
     "imaml-paper-minres-32steps": dict(_IMAML, inner_steps=32),
     "imaml-hf": dict(_IMAML, inner_solver="newton_cg", inner_steps=5, inner_lr=1.0),
     "imaml-hf-ggn": dict(
@@ -162,14 +164,14 @@ def score(folder: Path, overrides: dict | None) -> dict:
     return {**res, "step": ckpt["step"]}
 
 
-def train_to(name: str, seed: int, step: int) -> None:
+def train_to(name: str, seed: int, step: int) -> dict:
     """Train run (name, seed) until meta-step ``step`` (resuming where it stopped)."""
     from imaml.train import meta_train
 
     folder = run_dir(name, seed)
     cfg = config_for(name, seed).replace(meta_steps=step)
     resume = (folder / "last.pt").exists()
-    meta_train(cfg, folder, resume=resume, progress=False, final_test=False)
+    return meta_train(cfg, folder, resume=resume, progress=False, final_test=False)
 
 
 def step_seconds(folder: Path, lo: int, hi: int) -> float:
@@ -197,7 +199,8 @@ def run_one(name: str, seed: int, steps: list[int]) -> None:
             prev = step
             continue
         t0 = time.perf_counter()
-        train_to(name, seed, step)
+        if train_to(name, seed, step)["stopped_by"]:  # a signal: checkpointed, resumes later
+            return
         common = score(folder, COMMON_EVAL)
         own = score(folder, None)
         if common["step"] != step:
