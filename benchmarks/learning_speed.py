@@ -134,9 +134,10 @@ def read_points(folder: Path) -> list[dict]:
     return out
 
 
-def score(folder: Path, overrides: dict | None) -> dict:
+def score(folder: Path, *overrides: dict) -> list[dict]:
     """Mean validation accuracy of the run's last parameters on the common task stream,
-    adapting with ``overrides`` (None: the configuration's own inner loop)."""
+    once per entry of ``overrides`` (an empty dict: the configuration's own inner loop);
+    the checkpoint and the data are loaded once."""
     import torch
 
     from imaml.algorithms import make_algorithm
@@ -152,16 +153,19 @@ def score(folder: Path, overrides: dict | None) -> dict:
     alg = make_algorithm(
         cfg.algo, model=model, loss=families["train"].loss, **cfg.algorithm_kwargs()
     )
-    res = evaluate(
-        alg,
-        ckpt["params"],
-        families["val"],
-        num_tasks=ARGS.val_tasks,
-        generator=torch.Generator().manual_seed(VAL_SEED),
-        batch_size=cfg.meta_batch,
-        overrides=overrides or {},
-    )
-    return {**res, "step": ckpt["step"]}
+    out = []
+    for changes in overrides:
+        res = evaluate(
+            alg,
+            ckpt["params"],
+            families["val"],
+            num_tasks=ARGS.val_tasks,
+            generator=torch.Generator().manual_seed(VAL_SEED),
+            batch_size=cfg.meta_batch,
+            overrides=changes,
+        )
+        out.append({**res, "step": ckpt["step"]})
+    return out
 
 
 def train_to(name: str, seed: int, step: int) -> dict:
@@ -201,8 +205,7 @@ def run_one(name: str, seed: int, steps: list[int]) -> None:
         t0 = time.perf_counter()
         if train_to(name, seed, step)["stopped_by"]:  # a signal: checkpointed, resumes later
             return
-        common = score(folder, COMMON_EVAL)
-        own = score(folder, None)
+        common, own = score(folder, COMMON_EVAL, {})
         if common["step"] != step:
             raise SystemExit(f"{folder}: last.pt is at step {common['step']}, not {step}")
         record = {

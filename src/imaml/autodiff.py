@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, grad_and_value, jvp, vjp
 
+from .checks import check_choice
 from .params import Params
 
 HVP_MODES = ("rev", "fwd")
@@ -96,8 +97,7 @@ def linearize_curvature(
     needs ``f`` as a ``SplitLoss``): (∇f, v ↦ C·v) and f third with ``with_value``."""
     if curvature == "hessian":
         return linearize_grad(f, params, mode=mode, with_value=with_value)
-    if curvature != "ggn":
-        raise ValueError(f"unknown curvature {curvature!r}; choose one of {', '.join(CURVATURES)}")
+    check_choice("curvature", curvature, CURVATURES)
     if not isinstance(f, SplitLoss):
         raise ValueError(
             "curvature='ggn' needs the loss split into network outputs and a loss on them: "

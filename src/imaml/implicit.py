@@ -215,8 +215,7 @@ def adapt_implicit(
     """
     lam_value = float(lam.detach()) if isinstance(lam, Tensor) else lam
     check_hyperparameters(lam=lam_value, steps=steps, solver=solver)
-    if curvature not in CURVATURES:
-        raise ValueError(f"unknown curvature {curvature!r}; choose one of {', '.join(CURVATURES)}")
+    check_choice("curvature", curvature, CURVATURES)
     if not isinstance(theta, Mapping) or not theta:
         raise ValueError("theta must be a non-empty dict of tensors")
     fixed = {k: v.detach() for k, v in theta.items()}

@@ -8,7 +8,7 @@ import torch
 from torch.func import grad_and_value
 
 from ..autodiff import CURVATURES, HVP_MODES
-from ..checks import check_number
+from ..checks import check_choice, check_number
 from ..implicit import check_hyperparameters, lam_gradient, solve_implicit
 from ..inner import proximal_gradient
 from ..params import Params, norm
@@ -82,8 +82,7 @@ class IMAML(MetaAlgorithm):
         check_number("lam_damping", lam_damping, positive=False)
         if hvp_mode not in HVP_MODES:
             raise ValueError(f"unknown hvp_mode {hvp_mode!r}; choose one of {HVP_MODES}")
-        if curvature not in CURVATURES:
-            raise ValueError(f"unknown curvature {curvature!r}; choose one of {CURVATURES}")
+        check_choice("curvature", curvature, CURVATURES)
         if learn_lam not in LEARN_LAM:
             raise ValueError(f"unknown learn_lam {learn_lam!r}; choose one of {LEARN_LAM}")
         if learn_lam != "none" and (cg_damping or lam_damping):

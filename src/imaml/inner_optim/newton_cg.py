@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from torch import Tensor
 
 from ..autodiff import CURVATURES, linearize_curvature, linearize_grad
+from ..checks import check_choice
 from ..linalg import cg
 from ..params import Params
 from ._common import all_stopped, armijo, slope, start, still_active, where
@@ -40,8 +41,7 @@ def newton_cg(
     Gauss–Newton matrix of L̂ plus λI in place of ∇²G (``objective`` then the support loss
     as a ``SplitLoss``, or ``imaml.inner.Proximal`` of one).
     """
-    if curvature not in CURVATURES:
-        raise ValueError(f"unknown curvature {curvature!r}; choose one of {', '.join(CURVATURES)}")
+    check_choice("curvature", curvature, CURVATURES)
     phi = phi0
     active, iters = start(phi0)
     gn = None
