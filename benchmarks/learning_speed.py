@@ -80,6 +80,15 @@ CONFIGS: dict[str, dict] = {
     "imaml-paper-ggn-lam5": dict(_IMAML, curvature="ggn", solver="cg", lam=5.0),
     "imaml-paper-ggn-lam0.25": dict(_IMAML, curvature="ggn", solver="cg", lam=0.25),
     "imaml-paper-minres-lam0.5": dict(_IMAML, lam=0.5),
+    # plain steps as FOMAML's, then the implicit correction with G at λ = 0.5 ≈ 1/(αK), the
+    # λ at which the proximal solution and K plain steps of size α adapt alike
+    "imaml-ref-ggn-lam0.5": dict(
+        _IMAML, variant="reference_code", curvature="ggn", solver="cg", lam=0.5
+    ),
+    "imaml-ref-minres-lam0.5": dict(_IMAML, variant="reference_code", lam=0.5),
+    "imaml-ref-ggn-lam1": dict(
+        _IMAML, variant="reference_code", curvature="ggn", solver="cg", lam=1.0
+    ),
     "imaml-paper-minres-32steps": dict(_IMAML, inner_steps=32),
     "imaml-hf": dict(_IMAML, inner_solver="newton_cg", inner_steps=5, inner_lr=1.0),
     "imaml-hf-ggn": dict(
@@ -236,8 +245,11 @@ def run_one(name: str, seed: int, steps: list[int]) -> None:
 
 def cmd_run(args) -> None:
     """Every (configuration, seed) to every step, ``--workers`` processes at a time, one
-    thread each; each run in a fresh process (``one``)."""
-    jobs = [(n, s) for n in args.configs.split(",") for s in args.seeds]
+    thread each, in the order seed, then configuration; each run in a fresh process
+    (``one``)."""
+    # seed-major: every configuration's first seed before any second seed, so a study
+    # stopped part-way has compared every configuration on the same seeds
+    jobs = [(n, s) for s in args.seeds for n in args.configs.split(",")]
     for name, _ in jobs:
         config_for(name, 0)  # unknown names fail before anything starts
     pending, running = list(jobs), []

@@ -29,7 +29,9 @@ from learning_speed import CONFIGS, config_for  # noqa: E402
 def mean_grad(cfg, model, families, params, batches):
     from imaml.algorithms import make_algorithm
 
-    alg = make_algorithm(cfg.algo, model=model, loss=families["train"].loss, **cfg.algorithm_kwargs())
+    alg = make_algorithm(
+        cfg.algo, model=model, loss=families["train"].loss, **cfg.algorithm_kwargs()
+    )
     g = {k: torch.zeros_like(v) for k, v in params.items()}
     for b in batches:
         gb, _ = alg.meta_grad(params, b)
@@ -40,9 +42,13 @@ def mean_grad(cfg, model, families, params, batches):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", help="a run folder whose last.pt gives θ (default: the initialisation)")
+    ap.add_argument(
+        "--run", help="a run folder whose last.pt gives θ (default: the initialisation)"
+    )
     ap.add_argument("--batches", type=int, default=4)
-    ap.add_argument("--configs", default=",".join(n for n in CONFIGS if n not in ("maml", "reptile")))
+    ap.add_argument(
+        "--configs", default=",".join(n for n in CONFIGS if n not in ("maml", "reptile"))
+    )
     ap.add_argument("--name", default="meta_gradient_alignment")
     args = ap.parse_args()
     from imaml.checkpoint import load_checkpoint
@@ -64,8 +70,12 @@ def main() -> None:
     for name in args.configs.split(","):
         g = mean_grad(config_for(name, 0), model, families, params, batches)
         cos = float(g @ ref / (g.norm() * ref.norm()))
-        rows.append({"name": name, "cos_with_maml": cos, "norm_over_maml": float(g.norm() / ref.norm())})
-        print(f"{name:<28} cos {cos:+.3f}  |g|/|g_maml| {rows[-1]['norm_over_maml']:.2f}", flush=True)
+        rows.append(
+            {"name": name, "cos_with_maml": cos, "norm_over_maml": float(g.norm() / ref.norm())}
+        )
+        print(
+            f"{name:<28} cos {cos:+.3f}  |g|/|g_maml| {rows[-1]['norm_over_maml']:.2f}", flush=True
+        )
     payload = {
         "command": "python benchmarks/meta_gradient_alignment.py " + " ".join(sys.argv[1:]),
         "theta": args.run or "initialisation",

@@ -21,7 +21,7 @@ from common import OUT, machine
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND = (
     "bash scripts/setup.sh && .venv/bin/imaml train --preset omniglot-5w1s "
-    "--meta-steps 500 --out runs/quickstart"
+    "--meta-steps 400 --out runs/quickstart"
 )
 
 

@@ -27,6 +27,7 @@ SETTINGS = [
     {"solver": "cg", "flat": True},
     {"solver": "neumann", "cg_steps": 3, "lam": 50.0},  # λ where the series converges
     {"variant": "reference_code"},
+    {"variant": "reference_code", "curvature": "ggn", "solver": "cg"},  # the Omniglot presets'
     {"hvp_mode": "fwd", "flat": True},
     {"cg_damping": 1.0, "lam_damping": 10.0},
     {"cg_tol": 0.3, "solver": "cg"},
@@ -82,7 +83,8 @@ def test_query_gradient_task_by_task_equals_the_vmap_path_in_float64(kw, least):
     sx[1] = float("nan")
     alg = make_algorithm("imaml", model=model, inner_steps=2, **kw)
     calls = []
-    pieces = make_pieces(alg,
+    pieces = make_pieces(
+        alg,
         lambda f: lambda *a: calls.append(f.__name__) or f(*a),
         solve_piece=True,
         query_per_task=least,

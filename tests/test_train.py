@@ -12,7 +12,7 @@ import torch
 
 from imaml.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from imaml.cli import main
-from imaml.config import PRESETS, Config, ConfigError, from_preset
+from imaml.config import IMAML_SETTINGS, PRESETS, Config, ConfigError, from_preset
 from imaml.train import evaluate_run, meta_train
 
 from conftest import needs_real
@@ -177,11 +177,39 @@ def test_every_preset_is_valid_for_every_algorithm():
     for name in PRESETS:
         for algo in ("imaml", "maml", "fomaml", "reptile"):
             cfg = from_preset(name, algo=algo)
-            assert cfg.lam_value == (2.0 if algo == "imaml" else 0.0)
+            imaml_lam = IMAML_SETTINGS.get(name, {}).get("lam", 2.0)
+            assert cfg.lam_value == (imaml_lam if algo == "imaml" else 0.0)
+
+
+def test_imaml_settings_apply_to_imaml_alone_and_yield_to_given_values():
+    cfg = from_preset("omniglot-5w1s")
+    assert (cfg.variant, cfg.curvature, cfg.solver, cfg.lam_value) == (
+        "reference_code",
+        "ggn",
+        "cg",
+        0.5,
+    )
+    for algo in ("maml", "fomaml", "reptile"):  # the baselines keep no proximal term
+        base = from_preset("omniglot-5w1s", algo=algo)
+        assert (base.variant, base.curvature, base.solver, base.lam_value) == (
+            "paper",
+            "hessian",
+            "minres",
+            0.0,
+        )
+    paper = from_preset("omniglot-5w1s", variant="paper", lam=2.0, solver="minres")
+    assert (paper.variant, paper.lam_value, paper.solver, paper.curvature) == (
+        "paper",
+        2.0,
+        "minres",
+        "ggn",
+    )
+    hf = from_preset("omniglot-5w1s-hf")  # the Hessian-free presets keep the paper's loop
+    assert (hf.variant, hf.inner_solver, hf.lam_value) == ("paper", "newton_cg", 2.0)
 
 
 def test_paper_settings_in_omniglot_presets():
-    c = from_preset("omniglot-20w5s")
+    c = from_preset("omniglot-20w5s", variant="paper", lam=2.0)  # the paper's loop and λ
     assert (
         c.n_way,
         c.k_shot,

@@ -10,6 +10,7 @@ import warnings
 from dataclasses import fields
 
 from .config import (
+    IMAML_SETTINGS,
     PRESET_NOTES,
     PRESETS,
     RUNTIME_FIELDS,
@@ -32,7 +33,8 @@ HELP = {
     "val_classes": "classes held out of meta-training for validation / model selection",
     "data_dir": "folder holding omniglot/ (or miniimagenet/); default $IMAML_DATA_DIR, "
     "else ~/.cache/imaml/data (downloaded there if missing)",
-    "lam": "λ, strength of the proximal term (λ/2)‖φ−θ‖²; default 2 for imaml, 0 for baselines",
+    "lam": "λ, strength of the proximal term (λ/2)‖φ−θ‖²; imaml: 0.5 on the Omniglot GD "
+    "presets, else 2; baselines: 0",
     "inner_steps": "inner optimiser steps per task",
     "inner_lr": "inner optimiser step size α",
     "inner_solver": "inner optimiser: gd, momentum, adam, newton_cg (the paper's Hessian-free), lbfgs",
@@ -40,11 +42,13 @@ HELP = {
     "inner_cg_steps": "CG steps per Newton direction for --inner-solver newton_cg (paper: 5)",
     "learn_lam": "learn λ (imaml): none, scalar, or per_tensor (one λ per parameter tensor)",
     "variant": "inner loop: paper (proximal term in every step) or reference_code "
-    "(the authors' release: plain steps, then one proximal pull-back)",
+    "(the authors' release: plain steps, then one proximal pull-back); default paper, "
+    "reference_code on the Omniglot GD presets",
     "cg_steps": "steps of the meta-gradient linear solver, CG or MINRES alike (Hessian-vector "
     "products per task); --cg-steps is the same option",
-    "solver": "linear solver for (I + H/λ)g = ∇L: minres (default; sound for indefinite H), "
-    "cg (truncated at negative curvature), neumann, exact (dense, small models)",
+    "solver": "linear solver for (I + H/λ)g = ∇L: minres (sound for indefinite H), cg "
+    "(truncated at negative curvature), neumann, exact (dense, small models); default minres, "
+    "cg (with --curvature ggn) on the Omniglot GD presets",
     "cg_damping": "operator (1+cg_damping)I + H/(λ+lam_damping); the authors' code uses 1",
     "lam_damping": "see --cg-damping; the authors' code uses 10",
     "hvp_mode": "Hessian-vector products: rev (reverse-over-reverse), fwd "
@@ -372,6 +376,9 @@ def cmd_presets(args) -> int:
         print(f"{name}:")
         for k, v in values.items():
             print(f"  {k:>12} = {v}")
+        for k, v in IMAML_SETTINGS.get(name, {}).items():
+            if k != "lam":
+                print(f"  {k:>12} = {v} (imaml)")
         print(f"  {'lam':>12} = {cfg.lam_value} (imaml; baselines use 0)")
         if name in PRESET_NOTES:
             print(f"  note: {PRESET_NOTES[name]}")
