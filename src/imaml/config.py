@@ -362,6 +362,6 @@ def from_preset(name: str, **overrides) -> Config:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     values = {**PRESETS[name], **overrides}
-    if values.get("algo", "imaml") == "imaml":
+    if values.get("algo", Config.algo) == "imaml":  # Config.algo: the default algorithm
         values = {**IMAML_SETTINGS.get(name, {}), **values}
     return Config.from_dict(values)
