@@ -94,6 +94,16 @@ CONFIGS: dict[str, dict] = {
     "imaml-hf-ggn": dict(
         _IMAML, inner_solver="newton_cg", inner_steps=5, inner_lr=1.0, curvature="ggn", solver="cg"
     ),
+    # the inner problem solved by damped Gauss–Newton (Levenberg–Marquardt) at the default's λ
+    "imaml-hf-ggn-lam0.5": dict(
+        _IMAML,
+        inner_solver="newton_cg",
+        inner_steps=5,
+        inner_lr=1.0,
+        curvature="ggn",
+        solver="cg",
+        lam=0.5,
+    ),
     "fomaml": dict(algo="fomaml"),
     "maml": dict(algo="maml"),
     "reptile": dict(algo="reptile"),
@@ -305,7 +315,8 @@ def cmd_time(args) -> None:
     """Seconds per meta-step of each configuration on a quiet machine: one process, one
     thread (as the runs), the configurations' steps interleaved round by round so that a
     drifting machine slows them alike (benchmarks/common.interleaved). The runs' own step
-    times are taken beside other work and are only rough."""
+    times are taken beside other work and are only rough. Each call adds its measurement to
+    ``learning_speed_times.json``; ``report`` reads the latest per configuration."""
     import torch
 
     from imaml.algorithms import make_algorithm
@@ -329,15 +340,20 @@ def cmd_time(args) -> None:
         fns[name] = lambda alg=alg, params=params, batch=batch: alg.meta_grad(params, batch)
         fns[name]()  # warm-up
     times = interleaved(fns, repeats=args.repeats)
-    payload = {
+    measurement = {
         "command": "python benchmarks/learning_speed.py time --configs " + args.configs,
         "s_per_step": {n: t["median_s"] for n, t in times.items()},
         "spread": {n: {k: v for k, v in t.items() if k != "times_s"} for n, t in times.items()},
         "threads": 1,
         "machine": machine(),
     }
+    # one file for every timing session: each measurement kept, the latest per configuration read
+    path = RESULTS / "learning_speed_times.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    measurements = old.get("measurements", [old] if old else []) + [measurement]
+    latest = {n: t for m in measurements for n, t in m["s_per_step"].items()}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "learning_speed_times.json").write_text(json.dumps(payload, indent=1))
+    path.write_text(json.dumps({"s_per_step": latest, "measurements": measurements}, indent=1))
     for n, t in times.items():
         print(
             f"{n:<28} {t['median_s']:.2f} s per meta-step (range {t['min_s']:.2f}-{t['max_s']:.2f})"

@@ -85,6 +85,15 @@ def test_time_records_each_configuration_and_report_uses_it(tmp_path, monkeypatc
     times = json.loads((tmp_path / "results" / "learning_speed_times.json").read_text())
     assert set(times["s_per_step"]) == {"fomaml", "imaml-paper-ggn"}
     assert all(t > 0 for t in times["s_per_step"].values())
+    # a later timing adds its measurement; the others' times stay, the latest is read
+    study.main(["time", "--configs", "fomaml", "--repeats", "1"])
+    times = json.loads((tmp_path / "results" / "learning_speed_times.json").read_text())
+    assert [list(m["s_per_step"]) for m in times["measurements"]] == [
+        ["fomaml", "imaml-paper-ggn"],
+        ["fomaml"],
+    ]
+    assert times["s_per_step"]["fomaml"] == times["measurements"][1]["s_per_step"]["fomaml"]
+    assert "imaml-paper-ggn" in times["s_per_step"]
     study.main(["one", "fomaml", "0", "--steps", "1", "--val-tasks", "4"])
     study.main(["report"])
     report = json.loads((tmp_path / "results" / "learning_speed.json").read_text())
