@@ -27,7 +27,7 @@ def newton_cg(
     lr: float = 1.0,
     tol: float = 0.0,
     cg_steps: int = 5,
-    max_halvings: int = 20,
+    max_halvings: int = 10,
     c: float = 1e-4,
     curvature: str = "hessian",
 ):
@@ -36,8 +36,11 @@ def newton_cg(
     Each iteration: the search direction d from ``cg_steps`` CG steps on ∇²G(φ)·d = −∇G(φ)
     (Hessian-vector products only; CG stops at negative curvature and, if that happens
     at its first step, returns −∇G, the steepest-descent direction), then a backtracking
-    Armijo line search on G from the trial step ``lr`` (the paper: 1) halving up to
-    ``max_halvings`` times. A task stops once ‖∇G‖ ≤ ``tol``. ``curvature="ggn"``: the
+    Armijo line search on G over ``max_halvings`` trial steps lr, lr/2, … (the paper: lr 1;
+    10 trials reach lr/512. On 8 real Omniglot tasks, at initialisation and at a trained θ,
+    the accepted step was never below 1/8 with ``curvature="ggn"`` nor below 1/512 with
+    the Hessian; under vmap every task evaluates every trial, and 20 trials took a third
+    of the meta-step's time). A task stops once ‖∇G‖ ≤ ``tol``. ``curvature="ggn"``: the
     Gauss–Newton matrix of L̂ plus λI in place of ∇²G (``objective`` then the support loss
     as a ``SplitLoss``, or ``imaml.inner.Proximal`` of one).
     """
