@@ -204,8 +204,15 @@ def test_imaml_settings_apply_to_imaml_alone_and_yield_to_given_values():
         "minres",
         "ggn",
     )
-    hf = from_preset("omniglot-5w1s-hf")  # the Hessian-free presets keep the paper's loop
-    assert (hf.variant, hf.inner_solver, hf.lam_value) == ("paper", "newton_cg", 2.0)
+    hf = from_preset("omniglot-5w1s-hf")  # Newton-CG solves the proximal problem (paper loop)
+    assert (hf.variant, hf.inner_solver, hf.curvature, hf.solver, hf.lam_value) == (
+        "paper",
+        "newton_cg",
+        "ggn",
+        "cg",
+        0.5,
+    )
+    assert from_preset("omniglot-5w1s-hf", algo="fomaml").curvature == "hessian"
 
 
 def test_paper_settings_in_omniglot_presets():

@@ -343,11 +343,21 @@ PRESETS: dict[str, dict] = {
         val_tasks=100,
     ),
 }
-IMAML_SETTINGS: dict[str, dict] = {name: OMNIGLOT_IMAML for name in _OMNIGLOT_GD}
+# The -hf presets' iMAML: Newton-CG solves the proximal problem itself (the paper's loop),
+# each Newton step on the Gauss–Newton matrix + λI (always a descent direction), then CG on
+# I + G/λ, λ = 0.5. At 250 steps it matched the paper's settings (H, MINRES, λ = 2) in the
+# common evaluation and beat them by 4.4 points with its own inner loop, never met negative
+# curvature (34% of tasks did with H) and cost less per step (docs/reproduction.md).
+OMNIGLOT_IMAML_HF = dict(curvature="ggn", solver="cg", lam=0.5)
+IMAML_SETTINGS: dict[str, dict] = {
+    **{name: OMNIGLOT_IMAML for name in _OMNIGLOT_GD},
+    **{f"{name}-hf": OMNIGLOT_IMAML_HF for name in _OMNIGLOT_GD},
+}
 PRESET_NOTES = {
     **{
-        f"omniglot-{s}-hf": "iMAML-HF: Newton-CG inner solver (5 CG steps per direction, Armijo line "
-        "search from step 1); the paper does not state the number of Newton iterations, 5 is ours"
+        f"omniglot-{s}-hf": "iMAML-HF: Newton-CG inner solver on the Gauss–Newton matrix + λI (5 CG "
+        "steps per direction, Armijo line search from step 1), CG on I + G/λ, λ = 0.5 for imaml; "
+        "the paper does not state the number of Newton iterations, 5 is ours"
         for s in ("5w1s", "5w5s", "20w1s", "20w5s")
     },
     "miniimagenet-5w1s": "inner settings follow MAML's Mini-ImageNet protocol (the paper gives "
