@@ -68,42 +68,31 @@ _IMAML = dict(
     lam_damping=0.0,
 )
 _DAMPED = dict(solver="cg", cg_damping=1.0, lam_damping=10.0)  # 2I + H/12, the authors'
+_GGN = dict(curvature="ggn", solver="cg")  # the Gauss–Newton matrix, CG on I + G/λ
+_REF = dict(_IMAML, variant="reference_code")  # plain steps, then one pull-back
+_HF = dict(_IMAML, inner_solver="newton_cg", inner_steps=5, inner_lr=1.0)  # Newton-CG inner
 CONFIGS: dict[str, dict] = {
     "imaml-paper-minres": dict(_IMAML),
     "imaml-paper-cg-damped": dict(_IMAML, **_DAMPED),
-    "imaml-authors": dict(_IMAML, variant="reference_code", **_DAMPED),
-    "imaml-ref-minres": dict(_IMAML, variant="reference_code"),
-    "imaml-paper-ggn": dict(_IMAML, curvature="ggn", solver="cg"),
-    "imaml-ref-ggn": dict(_IMAML, variant="reference_code", curvature="ggn", solver="cg"),
-    "imaml-paper-ggn-lam1": dict(_IMAML, curvature="ggn", solver="cg", lam=1.0),
-    "imaml-paper-ggn-lam0.5": dict(_IMAML, curvature="ggn", solver="cg", lam=0.5),
-    "imaml-paper-ggn-lam5": dict(_IMAML, curvature="ggn", solver="cg", lam=5.0),
-    "imaml-paper-ggn-lam0.25": dict(_IMAML, curvature="ggn", solver="cg", lam=0.25),
+    "imaml-authors": dict(_REF, **_DAMPED),
+    "imaml-ref-minres": dict(_REF),
+    "imaml-paper-ggn": dict(_IMAML, **_GGN),
+    "imaml-ref-ggn": dict(_REF, **_GGN),
+    "imaml-paper-ggn-lam1": dict(_IMAML, **_GGN, lam=1.0),
+    "imaml-paper-ggn-lam0.5": dict(_IMAML, **_GGN, lam=0.5),
+    "imaml-paper-ggn-lam5": dict(_IMAML, **_GGN, lam=5.0),
+    "imaml-paper-ggn-lam0.25": dict(_IMAML, **_GGN, lam=0.25),
     "imaml-paper-minres-lam0.5": dict(_IMAML, lam=0.5),
     # plain steps as FOMAML's, then the implicit correction with G at λ = 0.5 ≈ 1/(αK), the
     # λ at which the proximal solution and K plain steps of size α adapt alike
-    "imaml-ref-ggn-lam0.5": dict(
-        _IMAML, variant="reference_code", curvature="ggn", solver="cg", lam=0.5
-    ),
-    "imaml-ref-minres-lam0.5": dict(_IMAML, variant="reference_code", lam=0.5),
-    "imaml-ref-ggn-lam1": dict(
-        _IMAML, variant="reference_code", curvature="ggn", solver="cg", lam=1.0
-    ),
+    "imaml-ref-ggn-lam0.5": dict(_REF, **_GGN, lam=0.5),
+    "imaml-ref-minres-lam0.5": dict(_REF, lam=0.5),
+    "imaml-ref-ggn-lam1": dict(_REF, **_GGN, lam=1.0),
     "imaml-paper-minres-32steps": dict(_IMAML, inner_steps=32),
-    "imaml-hf": dict(_IMAML, inner_solver="newton_cg", inner_steps=5, inner_lr=1.0),
-    "imaml-hf-ggn": dict(
-        _IMAML, inner_solver="newton_cg", inner_steps=5, inner_lr=1.0, curvature="ggn", solver="cg"
-    ),
+    "imaml-hf": dict(_HF),
+    "imaml-hf-ggn": dict(_HF, **_GGN),
     # the inner problem solved by damped Gauss–Newton (Levenberg–Marquardt) at the default's λ
-    "imaml-hf-ggn-lam0.5": dict(
-        _IMAML,
-        inner_solver="newton_cg",
-        inner_steps=5,
-        inner_lr=1.0,
-        curvature="ggn",
-        solver="cg",
-        lam=0.5,
-    ),
+    "imaml-hf-ggn-lam0.5": dict(_HF, **_GGN, lam=0.5),
     "fomaml": dict(algo="fomaml"),
     "maml": dict(algo="maml"),
     "reptile": dict(algo="reptile"),
@@ -351,7 +340,7 @@ def cmd_time(args) -> None:
     # one file for every timing session: each measurement kept, the latest per configuration read
     path = RESULTS / "learning_speed_times.json"
     old = json.loads(path.read_text()) if path.exists() else {}
-    measurements = old.get("measurements", [old] if old else []) + [measurement]
+    measurements = old.get("measurements", []) + [measurement]
     latest = {n: t for m in measurements for n, t in m["s_per_step"].items()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"s_per_step": latest, "measurements": measurements}, indent=1))

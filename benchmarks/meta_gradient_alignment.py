@@ -28,12 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from learning_speed import CONFIGS, config_for  # noqa: E402
 
 
-def mean_grad(cfg, model, families, params, batches):
+def make_alg(cfg, model, families):
     from imaml.algorithms import make_algorithm
 
-    alg = make_algorithm(
+    return make_algorithm(
         cfg.algo, model=model, loss=families["train"].loss, **cfg.algorithm_kwargs()
     )
+
+
+def mean_grad(alg, params, batches):
     g = {k: torch.zeros_like(v) for k, v in params.items()}
     for b in batches:
         gb, _ = alg.meta_grad(params, b)
@@ -42,14 +45,9 @@ def mean_grad(cfg, model, families, params, batches):
     return torch.cat([v.reshape(-1) for v in g.values()])
 
 
-def mean_query_grad(cfg, model, families, params, batches):
+def mean_query_grad(alg, params, batches):
     """The tasks' mean query gradient ∇L(φ) at the configuration's own φ (its meta-gradient
     without the implicit correction) and their mean support loss L̂(φ)."""
-    from imaml.algorithms import make_algorithm
-
-    alg = make_algorithm(
-        cfg.algo, model=model, loss=families["train"].loss, **cfg.algorithm_kwargs()
-    )
 
     def one(sx, sy, qx, qy):
         phi = alg.adapt(params, sx, sy)
@@ -90,15 +88,16 @@ def main() -> None:
         params, step = {k: v for k, v in ckpt["params"].items()}, ckpt["step"]
     gen = torch.Generator().manual_seed(12345)
     batches = [families["train"].sample(32, generator=gen) for _ in range(args.batches)]
-    ref = mean_grad(ref_cfg, model, families, params, batches)
+    ref = mean_grad(make_alg(ref_cfg, model, families), params, batches)
     rows = []
     for name in args.configs.split(","):
-        g = mean_grad(config_for(name, 0), model, families, params, batches)
-        cos = float(g @ ref / (g.norm() * ref.norm()))
         cfg = config_for(name, 0)
+        alg = make_alg(cfg, model, families)
+        g = mean_grad(alg, params, batches)
+        cos = float(g @ ref / (g.norm() * ref.norm()))
         row = {"name": name, "cos_with_maml": cos, "norm_over_maml": float(g.norm() / ref.norm())}
         if cfg.algo == "imaml":
-            v, row["support_loss"] = mean_query_grad(cfg, model, families, params, batches)
+            v, row["support_loss"] = mean_query_grad(alg, params, batches)
             row["cos_with_own_query_grad"] = float(g @ v / (g.norm() * v.norm()))
         rows.append(row)
         print(f"{name:<28} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "name"))

@@ -347,7 +347,7 @@ PRESETS: dict[str, dict] = {
 # each Newton step on the Gauss–Newton matrix + λI (always a descent direction), then CG on
 # I + G/λ, λ = 0.5. At 250 steps it matched the paper's settings (H, MINRES, λ = 2) in the
 # common evaluation and beat them by 4.4 points with its own inner loop, never met negative
-# curvature (34% of tasks did with H) and cost less per step (docs/reproduction.md).
+# curvature (25% of tasks did with H) and cost less per step (docs/reproduction.md).
 OMNIGLOT_IMAML_HF = dict(curvature="ggn", solver="cg", lam=0.5)
 IMAML_SETTINGS: dict[str, dict] = {
     **{name: OMNIGLOT_IMAML for name in _OMNIGLOT_GD},
