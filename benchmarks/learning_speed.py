@@ -93,6 +93,8 @@ CONFIGS: dict[str, dict] = {
     "imaml-hf-ggn": dict(_HF, **_GGN),
     # the inner problem solved by damped Gauss–Newton (Levenberg–Marquardt) at the default's λ
     "imaml-hf-ggn-lam0.5": dict(_HF, **_GGN, lam=0.5),
+    # the proximal problem solved by L-BFGS (16 iterations, Armijo from the full step)
+    "imaml-lbfgs-ggn-lam0.5": dict(_IMAML, **_GGN, lam=0.5, inner_solver="lbfgs", inner_lr=1.0),
     "fomaml": dict(algo="fomaml"),
     "maml": dict(algo="maml"),
     "reptile": dict(algo="reptile"),
