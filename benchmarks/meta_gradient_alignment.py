@@ -36,13 +36,12 @@ def make_alg(cfg, model, families):
     )
 
 
-def mean_grad(alg, params, batches):
-    g = {k: torch.zeros_like(v) for k, v in params.items()}
-    for b in batches:
-        gb, _ = alg.meta_grad(params, b)
-        for k in g:
-            g[k] += gb[k] / len(batches)
+def flat(g: dict) -> torch.Tensor:
     return torch.cat([v.reshape(-1) for v in g.values()])
+
+
+def mean_grad(alg, params, batches):
+    return sum(flat(alg.meta_grad(params, b)[0]) for b in batches) / len(batches)
 
 
 def mean_query_grad(alg, params, batches):
@@ -53,14 +52,12 @@ def mean_query_grad(alg, params, batches):
         phi = alg.adapt(params, sx, sy)
         return alg.query_gradient(phi, qx, qy)[0], alg.loss_of(sx, sy)(phi)
 
-    g = {k: torch.zeros_like(v) for k, v in params.items()}
-    support_loss = 0.0
+    g, support_loss = 0.0, 0.0
     for b in batches:
         gb, sl = torch.func.vmap(one)(b.support_x, b.support_y, b.query_x, b.query_y)
+        g = g + flat({k: v.mean(0) for k, v in gb.items()}) / len(batches)
         support_loss += float(sl.mean()) / len(batches)
-        for k in g:
-            g[k] += gb[k].mean(0) / len(batches)
-    return torch.cat([v.reshape(-1) for v in g.values()]), support_loss
+    return g, support_loss
 
 
 def main() -> None:
