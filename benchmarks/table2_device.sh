@@ -10,7 +10,7 @@
 #            python benchmarks/table2.py status      # then commit results/table2 and docs/results
 #
 # Arguments: MINUTES of training (default 7), PARALLEL cells at once (default 4), then
-# any further arguments for 'table2.py run' (e.g. --include-imaml, --cells ...).
+# any further arguments for 'table2.py run' (e.g. --cells ...).
 # First measures what advancing PARALLEL cells at once gains over one alone
 # (THROUGHPUT_S seconds of training each way, default 45; 0 skips it) into
 # $OUT/table2_throughput.json; then trains; then times the cells on this GPU with what is
