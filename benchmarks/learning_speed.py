@@ -97,9 +97,7 @@ CONFIGS: dict[str, dict] = {
     "imaml-lbfgs-ggn-lam0.5": dict(_IMAML, **_GGN, lam=0.5, inner_solver="lbfgs", inner_lr=1.0),
     # the proximal problem solved to a tolerance: up to 64 steps, a task stops once
     # ‖∇G(φ)‖ ≤ 0.15 (16 steps leave 0.14-0.18 over imaml-paper-ggn-lam0.5-s0's training)
-    "imaml-paper-ggn-lam0.5-tol0.15": dict(
-        _IMAML, **_GGN, lam=0.5, inner_steps=64, inner_tol=0.15
-    ),
+    "imaml-paper-ggn-lam0.5-tol0.15": dict(_IMAML, **_GGN, lam=0.5, inner_steps=64, inner_tol=0.15),
     "fomaml": dict(algo="fomaml"),
     "maml": dict(algo="maml"),
     "reptile": dict(algo="reptile"),
