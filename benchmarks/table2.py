@@ -61,12 +61,14 @@ def cells() -> list[str]:
     (iMAML-GD and the baselines on 5w1s, then 20w1s, iMAML-HF beside them, then iMAML on
     the 5-shot settings), then the 5-shot baselines, which need only show progress. The
     learning-speed study set the iMAML presets on 2026-12-03, so iMAML goes first."""
-    one_shot = ("imaml-gd", "maml", "fomaml", "reptile", "imaml-hf")
-    out = [f"{s}-{a}" for s in ("omniglot-5w1s", "omniglot-20w1s") for a in one_shot]
-    out += [
-        f"{s}-{a}" for s in ("omniglot-5w5s", "omniglot-20w5s") for a in ("imaml-gd", "imaml-hf")
-    ]
-    return out + [f"{s}-{a}" for s in ("omniglot-5w5s", "omniglot-20w5s") for a in ALGOS[2:]]
+    one_shot, five_shot = ("omniglot-5w1s", "omniglot-20w1s"), ("omniglot-5w5s", "omniglot-20w5s")
+    imaml, baselines = ("imaml-gd", "imaml-hf"), ("maml", "fomaml", "reptile")
+    groups = (
+        (one_shot, (imaml[0], *baselines, imaml[1])),
+        (five_shot, imaml),
+        (five_shot, baselines),
+    )
+    return [f"{s}-{a}" for settings, algos in groups for s in settings for a in algos]
 
 
 def split_cell(cell: str) -> tuple[str, str]:
