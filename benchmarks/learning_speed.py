@@ -24,6 +24,7 @@ its last checkpoint; a step is scored once; ``report`` averages only scored step
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -433,22 +434,38 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.8))
+    tab20 = plt.get_cmap("tab20").colors
+    strong = {"default": "tab:red", "fomaml": "tab:blue", "maml": "tab:green", "reptile": "black"}
+    # the other configurations: thin dashed lines in the hues the strong four leave free
+    others = itertools.cycle(
+        tab20[k] for k in (2, 8, 10, 12, 16, 18, 3, 9, 11, 13, 17, 19, 1, 5, 7, 15)
+    )
     for name in sorted({r["name"] for r in rows}):
         rs = [r for r in rows if r["name"] == name]
         steps = [r["step"] for r in rs]
         per = [r["s_per_step_quiet"] or r["s_per_step"] for r in rs]
         secs = [r["step"] * p / 60 for r, p in zip(rs, per, strict=True)]
         acc = [100 * r["val_acc"] for r in rs]
-        style = "-" if rs[0]["name"] in ("fomaml", "maml", "reptile") else "--"
-        axes[0].plot(steps, acc, style, marker="o", label=name)
-        axes[1].plot(secs, acc, style, marker="o", label=name)
+        default = rs[0]["is_default"]
+        color = strong.get("default" if default else name)
+        main = color is not None
+        style = dict(
+            linestyle="-" if main else "--",
+            linewidth=2.5 if main else 1.0,
+            markersize=6 if main else 3,
+            marker="o",
+            color=color or next(others),
+            label=name + (" (default)" if default else ""),
+        )
+        axes[0].plot(steps, acc, **style)
+        axes[1].plot(secs, acc, **style)
     axes[0].set_xlabel("meta-steps")
     axes[1].set_xlabel("minutes of training, 1 thread (quiet step times where measured)")
     for ax in axes:
         ax.set_ylabel("validation accuracy, common evaluation (%)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle(f"{PRESET}: learning speed (mean over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
