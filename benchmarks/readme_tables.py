@@ -91,33 +91,20 @@ def peers_table(r) -> None:
     print()
 
 
-def baselines_table(r) -> None:
+def timed_runs_table(r, *, key: str, label: str, minutes: int, test_step: bool) -> None:
+    """Runs trained for the same wall-clock budget: steps, speed, best validation, test."""
     print(
-        "| algorithm | meta-steps in 20 min | median s / meta-step | best validation (step) | test accuracy, 600 tasks |"
-    )
-    print("|---|---|---|---|---|")
-    for x in r["runs"]:
-        bv = x.get("best_val", {})
-        t = x.get("test", {})
-        print(
-            f"| {x['algo']} | {x['steps']} | {x['median_seconds_per_step']:.2f} | "
-            f"{pct(bv.get('mean', 0), bv.get('ci95', 0))} ({bv.get('step')}) | "
-            f"{pct(t.get('mean', 0), t.get('ci95', 0))} (step {t.get('checkpoint_step')}) |"
-        )
-    print()
-
-
-def gd_vs_newton_table(r) -> None:
-    print(
-        "| inner solver | meta-steps in 5 min | median s / meta-step | best validation (step) | test accuracy, 600 tasks |"
+        f"| {label} | meta-steps in {minutes} min | median s / meta-step "
+        "| best validation (step) | test accuracy, 600 tasks |"
     )
     print("|---|---|---|---|---|")
     for x in r["runs"]:
         bv, t = x.get("best_val", {}), x.get("test", {})
+        at = f" (step {t.get('checkpoint_step')})" if test_step else ""
         print(
-            f"| {x['inner_solver']} | {x['steps']} | {x['median_seconds_per_step']:.2f} | "
+            f"| {x[key]} | {x['steps']} | {x['median_seconds_per_step']:.2f} | "
             f"{pct(bv.get('mean', 0), bv.get('ci95', 0))} ({bv.get('step')}) | "
-            f"{pct(t.get('mean', 0), t.get('ci95', 0))} |"
+            f"{pct(t.get('mean', 0), t.get('ci95', 0))}{at} |"
         )
     print()
 
@@ -326,8 +313,16 @@ def distributed_table(r) -> None:
 
 # (result files, table printer), in the order the tables are printed
 TABLES = (
-    (("omniglot_5w1s_cpu_baselines",), baselines_table),
-    (("gd_vs_newton_cg",), gd_vs_newton_table),
+    (
+        ("omniglot_5w1s_cpu_baselines",),
+        partial(timed_runs_table, key="algo", label="algorithm", minutes=20, test_step=True),
+    ),
+    (
+        ("gd_vs_newton_cg",),
+        partial(
+            timed_runs_table, key="inner_solver", label="inner solver", minutes=5, test_step=False
+        ),
+    ),
     (("inner_solvers",), inner_solvers_table),
     (("vmap_vs_loop",), vmap_vs_loop_table),
     (("hvp_modes",), hvp_modes_table),
