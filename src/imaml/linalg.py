@@ -98,6 +98,13 @@ def _info(
     }
 
 
+def _start(A: Callable, b: Tensor, x: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The first iterate and its residual b − A·x: (0, b) without a starting point."""
+    if x is None:
+        return torch.zeros_like(b), b.clone()
+    return x, b - A(x)
+
+
 def _safe(d: Tensor) -> Tensor:
     """``d`` where it is non-zero, else 1 (a divisor that never makes inf or NaN)."""
     return torch.where(d != 0, d, torch.ones_like(d))
@@ -108,11 +115,7 @@ def cg(matvec: Callable, b: Vector, *, steps: int, tol: float = 0.0, x0: Vector 
     _check(steps, tol)
     A, b, x, unravel = _flat_problem(matvec, b, x0)
     bnorm = _norm(b)
-    if x is None:
-        x = torch.zeros_like(b)
-        r = b.clone()
-    else:
-        r = b - A(x)
+    x, r = _start(A, b, x)
     p = r
     rr = _dot(r, r)
     active = rr > (tol * bnorm) ** 2
@@ -152,11 +155,7 @@ def minres(matvec: Callable, b: Vector, *, steps: int, tol: float = 0.0, x0: Vec
     _check(steps, tol)
     A, b, x, unravel = _flat_problem(matvec, b, x0)
     bnorm = _norm(b)
-    if x is None:
-        x = torch.zeros_like(b)
-        r1 = b.clone()
-    else:
-        r1 = b - A(x)
+    x, r1 = _start(A, b, x)
     zero = torch.zeros_like(bnorm)
     y = r1
     r2 = r1
@@ -225,11 +224,7 @@ def neumann(
         raise ValueError(f"alpha must be > 0, got {alpha!r}")
     A, b, x, unravel = _flat_problem(matvec, b, x0)
     bnorm = _norm(b)
-    if x is None:
-        x = torch.zeros_like(b)
-        r = b.clone()
-    else:
-        r = b - A(x)
+    x, r = _start(A, b, x)
     rnorm = _norm(r)
     r0norm = rnorm
     active = rnorm > tol * bnorm
