@@ -458,15 +458,23 @@ def plot(rows: list[dict], path: Path) -> None:
             color=color or next(others),
             label=name + (" (default)" if default else ""),
         )
-        axes[0].plot(steps, acc, **style)
-        axes[1].plot(secs, acc, **style)
+        # a point scored on fewer seeds than the configuration's others: a hollow marker
+        most = max(len(r["seeds"]) for r in rs)
+        hollow = [len(r["seeds"]) < most for r in rs]
+        for ax, xs in ((axes[0], steps), (axes[1], secs)):
+            (line,) = ax.plot(xs, acc, **style)
+            few = [(x, a) for x, a, h in zip(xs, acc, hollow, strict=True) if h]
+            if few:
+                ax.plot(*zip(*few, strict=True), "o", mfc="white", mec=line.get_color(), ms=7)
     axes[0].set_xlabel("meta-steps")
     axes[1].set_xlabel("minutes of training, 1 thread (quiet step times where measured)")
     for ax in axes:
         ax.set_ylabel("validation accuracy, common evaluation (%)")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    fig.suptitle(f"{PRESET}: learning speed (mean over seeds)")
+    fig.suptitle(
+        f"{PRESET}: learning speed (mean over seeds; hollow: fewer seeds than the line's other points)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
