@@ -151,7 +151,7 @@ def measure(fn, device, repeats: int, warmup: int) -> dict:
     return row
 
 
-def main(argv=None) -> int:
+def parse_args(argv) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -212,43 +212,45 @@ def main(argv=None) -> int:
         help="time the compiled steps in the CUDA graph only, not also without it",
     )
     args = ap.parse_args(argv)
-    compiling = bool(args.compile or args.compile_variant)  # --compile-variant alone: those
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    g = torch.Generator().manual_seed(0)
-    model = OmniglotConvNet(5, channels=args.channels, generator=g).to(device)
-    params = dict(model.named_parameters())
-    hp = dict(model=model, lam=2.0, inner_steps=16, inner_lr=0.1)
-    rows = []
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / ("gpu_step_compiled.json" if compiling else "gpu_step.json")
-    setup = {"tasks": args.tasks, "channels": args.channels, "inner_steps": 16, "cg_steps": 5}
+    return args
 
-    def save() -> None:  # after every row: a stage stopped by its time limit keeps its rows
-        payload = {"machine": machine(), "device": str(device), "setup": setup, "rows": rows}
+
+class Bench:
+    """The rows of one output file, each timed on ``model``'s parameters and saved as soon
+    as it is measured: a stage stopped by its time limit keeps its rows."""
+
+    def __init__(self, args, device) -> None:
+        self.device = device
+        g = torch.Generator().manual_seed(0)
+        self.g = g
+        self.model = OmniglotConvNet(5, channels=args.channels, generator=g).to(device)
+        self.params = dict(self.model.named_parameters())
+        self.hp = dict(model=self.model, lam=2.0, inner_steps=16, inner_lr=0.1)
+        self.rows = []
+        compiling = bool(args.compile or args.compile_variant)
+        args.out.mkdir(parents=True, exist_ok=True)
+        self.path = args.out / ("gpu_step_compiled.json" if compiling else "gpu_step.json")
+        self.setup = dict(tasks=args.tasks, channels=args.channels, inner_steps=16, cg_steps=5)
+
+    def imaml(self, **kw):
+        return make_algorithm("imaml", **self.hp, **kw)
+
+    def save(self) -> None:
+        payload = {"machine": machine(), "device": str(self.device), "setup": self.setup}
+        payload["rows"] = self.rows
         payload["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
-        path.write_text(json.dumps(payload, indent=1))
+        self.path.write_text(json.dumps(payload, indent=1))
 
-    def record(
-        name,
-        fn,
-        *,
-        algo: str,
-        queries: int,
-        conv: str,
-        repeats: int,
-        warmup=0,
-        ref=None,
-        extra=None,
-    ):
+    def record(self, name, fn, *, algo, queries, conv, repeats, warmup=0, ref=None, extra=None):
         """Time ``fn`` (its first call, capture or compilation, apart) as one row; with
         ``ref`` (a meta-gradient) also the relative distance of ``fn``'s from it."""
         try:
             t0 = time.perf_counter()
             out = fn()  # the first call: capture, compilation
-            if device.type == "cuda":
+            if self.device.type == "cuda":
                 torch.cuda.synchronize()
             first = time.perf_counter() - t0
-            row = measure(fn, device, repeats, warmup=warmup)
+            row = measure(fn, self.device, repeats, warmup=warmup)
             row["first_call_s"] = first
             if ref is not None:
                 row["rel_to_graph"] = float(norm(sub(out[0], ref)) / norm(ref))
@@ -256,113 +258,126 @@ def main(argv=None) -> int:
             row = {"error": f"{type(e).__name__}: {e}"}
         row.update({"variant": name, "algo": algo, "queries": queries, "conv": conv})
         row.update(extra or {})
-        rows.append(row)
-        save()
+        self.rows.append(row)
+        self.save()
         shown = f"{row['ms']:9.1f} ms" if "ms" in row else row["error"][:200]
         print(f"{algo:8s} Q={queries:2d} {conv:12s} {name:20s} {shown}", flush=True)
 
-    def run(name, alg, batch, *, graph: bool, repeats: int, queries: int, conv: str) -> None:
-        if graph and device.type != "cuda":
+    def run(self, name, alg, batch, *, graph: bool, repeats: int, queries: int, conv: str):
+        """One uncompiled step, eager or (on a GPU only) captured as a CUDA graph."""
+        if graph and self.device.type != "cuda":
             return
-        use_conv(model, conv)
+        use_conv(self.model, conv)
         step = MetaStep(alg, mode="on" if graph else "off")
-        fn = lambda: step(params, batch)
-        record(name, fn, algo=alg.name, queries=queries, conv=conv, repeats=repeats)
+        fn = lambda: step(self.params, batch)
+        self.record(name, fn, algo=alg.name, queries=queries, conv=conv, repeats=repeats)
 
-    imaml = lambda **kw: make_algorithm("imaml", **hp, **kw)
-    if compiling:
-        conv = args.compile_conv
-        if conv == "fastest" and args.compile:
-            conv = fastest_conv(args.out / "gpu_step.json")
-        graph = "on" if device.type == "cuda" else "off"
-        # (mode, hvp, layout, inductor options, convolutions) per compiled step
-        combos = [
-            (mode, hvp, layout, options, conv)
-            for mode, hvp, layout, options in itertools.product(
-                args.compile, args.compile_hvp, args.compile_layout, args.compile_inductor
-            )
-        ]
-        combos += [(m, args.compile_hvp[0], "default", o, c) for m, c, o in args.compile_variant]
 
-        def compile_rows(q: int) -> None:
-            batch = batch_of(args.tasks, q, device, g)
-            refs = {}  # the uncompiled graph's meta-gradient per convolution choice
-            for mode, hvp, layout, options, conv in combos:
-                use_conv(model, conv)
-                kw = dict(algo="imaml", queries=q, conv=conv, repeats=args.repeats)
-                if conv not in refs:
-                    eager = MetaStep(imaml(flat=True), mode=graph)
-                    refs[conv] = eager(params, batch)[0]
-                    if not args.no_reference:
-                        record("graph", lambda e=eager: e(params, batch), **kw, ref=refs[conv])
-                    if q == args.compile_queries[0] and not args.no_reference:
-                        plain = imaml(flat=True)
-                        uncompiled = MetaStep(plain, mode=graph)  # piecewise, nothing compiled
-                        pieces = make_pieces(plain)
-                        uncompiled.step = functools.partial(
-                            meta_grad_piecewise, plain, pieces=pieces
-                        )
-                        run_it = lambda u=uncompiled: u(params, batch)
-                        record("graph-pieces", run_it, **kw, ref=refs[conv])
-                # one compiled step: the graph captures it, and it is timed eager too
-                alg = imaml(flat=True, hvp_mode=hvp)
-                solve = {"pieces": False, "pieces-solve": True}.get(mode)
-                step = MetaStep(alg, mode=graph, compile=mode.split("-")[0], solve_piece=solve)
-                name = mode + ("-hvp-fwd" if hvp == "fwd" else "")
-                name += "-channels-last" if layout == "channels-last" else ""
-                name += "".join(f"-{k}={v}" for k, v in options.items())
-                # inductor leaves vmap's grouped convolutions in NCHW unless forced, and
-                # cuDNN then transposes around its NHWC kernels (profile_cuda_pieces_hvp-fwd)
-                force = {"force_layout_optimization": layout == "channels-last", **options}
-                with inductor_config.patch(force):
-                    for variant, fn in (
-                        (f"graph-compiled-{name}", step),
-                        (f"compiled-{name}", step._step),
-                    ):
-                        if variant.startswith("compiled-") and args.graph_only:
-                            continue
-                        run_it = lambda fn=fn: fn(params, batch)
-                        extra = {"inductor_options": options, "mode": mode, "hvp_mode": hvp}
-                        record(variant, run_it, **kw, ref=refs[conv], warmup=1, extra=extra)
-            use_conv(model, "native")
-
-        for q in args.compile_queries:
-            compile_rows(q)
-    for q in [] if compiling else args.queries:
-        batch = batch_of(args.tasks, q, device, g)
-        kw = dict(repeats=args.repeats, queries=q)
+def eager_rows(args, bench: Bench) -> None:
+    """The per-task loop, the eager vmaps and the CUDA graph, for each query count and
+    each way of computing the convolutions; MAML, FOMAML and Reptile on the graph."""
+    imaml = bench.imaml
+    for q in args.queries:
+        batch = batch_of(args.tasks, q, bench.device, bench.g)
+        kw = dict(batch=batch, repeats=args.repeats, queries=q)
         if args.loop_repeats > 0:
-            run(
-                "loop",
-                imaml(batched=False),
-                batch,
-                graph=False,
-                repeats=args.loop_repeats,
-                queries=q,
-                conv="native",
+            loop = imaml(batched=False)
+            bench.run(
+                "loop", loop, **kw | {"repeats": args.loop_repeats}, graph=False, conv="native"
             )
-        run("vmap", imaml(flat=False), batch, graph=False, conv="native", **kw)
+        bench.run("vmap", imaml(flat=False), graph=False, conv="native", **kw)
         for conv in args.convs:
             if q == 1 or conv == "native":
-                run("vmap-flat", imaml(flat=True), batch, graph=False, conv=conv, **kw)
-            run("graph", imaml(flat=True), batch, graph=True, conv=conv, **kw)
+                bench.run("vmap-flat", imaml(flat=True), graph=False, conv=conv, **kw)
+            bench.run("graph", imaml(flat=True), graph=True, conv=conv, **kw)
             if q == 1:
-                run(
-                    "graph-hvp-fwd",
-                    imaml(flat=True, hvp_mode="fwd"),
-                    batch,
-                    graph=True,
-                    conv=conv,
-                    **kw,
-                )
+                fwd = imaml(flat=True, hvp_mode="fwd")
+                bench.run("graph-hvp-fwd", fwd, graph=True, conv=conv, **kw)
                 for algo in ("maml", "fomaml", "reptile"):
-                    alg = make_algorithm(algo, **{**hp, "lam": 0.0})
-                    run("graph", alg, batch, graph=True, conv=conv, **kw)
+                    alg = make_algorithm(algo, **{**bench.hp, "lam": 0.0})
+                    bench.run("graph", alg, graph=True, conv=conv, **kw)
             elif conv == "native":
-                run("graph-dict", imaml(flat=False), batch, graph=True, conv=conv, **kw)
-    use_conv(model, "native")
-    save()
-    print(f"wrote {path}")
+                bench.run("graph-dict", imaml(flat=False), graph=True, conv=conv, **kw)
+
+
+def compile_combos(args) -> list[tuple]:
+    """(mode, hvp, layout, inductor options, convolutions) per compiled step."""
+    conv = args.compile_conv
+    if conv == "fastest" and args.compile:
+        conv = fastest_conv(args.out / "gpu_step.json")
+    combos = [
+        (mode, hvp, layout, options, conv)
+        for mode, hvp, layout, options in itertools.product(
+            args.compile, args.compile_hvp, args.compile_layout, args.compile_inductor
+        )
+    ]
+    return combos + [(m, args.compile_hvp[0], "default", o, c) for m, c, o in args.compile_variant]
+
+
+def reference_rows(args, bench: Bench, batch, q: int, conv: str) -> list:
+    """The uncompiled graph's meta-gradient for ``conv`` (what the compiled rows are
+    compared with), and unless ``--no-reference`` its row and, for the first query
+    count, the uncompiled piecewise step's."""
+    graph = "on" if bench.device.type == "cuda" else "off"
+    kw = dict(algo="imaml", queries=q, conv=conv, repeats=args.repeats)
+    eager = MetaStep(bench.imaml(flat=True), mode=graph)
+    ref = eager(bench.params, batch)[0]
+    if args.no_reference:
+        return ref
+    bench.record("graph", lambda: eager(bench.params, batch), **kw, ref=ref)
+    if q == args.compile_queries[0]:
+        plain = bench.imaml(flat=True)
+        uncompiled = MetaStep(plain, mode=graph)  # piecewise, nothing compiled
+        pieces = make_pieces(plain)
+        uncompiled.step = functools.partial(meta_grad_piecewise, plain, pieces=pieces)
+        bench.record("graph-pieces", lambda: uncompiled(bench.params, batch), **kw, ref=ref)
+    return ref
+
+
+def compiled_rows(args, bench: Bench, combos: list[tuple], q: int) -> None:
+    """Each compiled step of ``combos`` (``compile_combos``) with ``q`` query images per
+    class: captured by the graph, and (unless ``--graph-only``) eager too."""
+    graph = "on" if bench.device.type == "cuda" else "off"
+    batch = batch_of(args.tasks, q, bench.device, bench.g)
+    refs = {}  # the uncompiled graph's meta-gradient per convolution choice
+    for mode, hvp, layout, options, conv in combos:
+        use_conv(bench.model, conv)
+        if conv not in refs:
+            refs[conv] = reference_rows(args, bench, batch, q, conv)
+        alg = bench.imaml(flat=True, hvp_mode=hvp)
+        solve = {"pieces": False, "pieces-solve": True}.get(mode)
+        step = MetaStep(alg, mode=graph, compile=mode.split("-")[0], solve_piece=solve)
+        name = mode + ("-hvp-fwd" if hvp == "fwd" else "")
+        name += "-channels-last" if layout == "channels-last" else ""
+        name += "".join(f"-{k}={v}" for k, v in options.items())
+        # inductor leaves vmap's grouped convolutions in NCHW unless forced, and cuDNN
+        # then transposes around its NHWC kernels (profile_cuda_pieces_hvp-fwd)
+        force = {"force_layout_optimization": layout == "channels-last", **options}
+        kw = dict(algo="imaml", queries=q, conv=conv, repeats=args.repeats, ref=refs[conv])
+        extra = {"inductor_options": options, "mode": mode, "hvp_mode": hvp}
+        with inductor_config.patch(force):
+            for variant, fn in ((f"graph-compiled-{name}", step), (f"compiled-{name}", step._step)):
+                if variant.startswith("compiled-") and args.graph_only:
+                    continue
+                bench.record(
+                    variant, lambda fn=fn: fn(bench.params, batch), **kw, warmup=1, extra=extra
+                )
+    use_conv(bench.model, "native")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bench = Bench(args, device)
+    if args.compile or args.compile_variant:  # --compile-variant alone: only those
+        combos = compile_combos(args)
+        for q in args.compile_queries:
+            compiled_rows(args, bench, combos, q)
+    else:
+        eager_rows(args, bench)
+    use_conv(bench.model, "native")
+    bench.save()
+    print(f"wrote {bench.path}")
     return 0
 
 

@@ -151,7 +151,11 @@ def plot(payload: dict, path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv=None) -> int:
+def relative(path: pathlib.Path) -> str:
+    return os.path.relpath(path.resolve(), OUT.parent.parent)
+
+
+def parse_args(argv) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -190,28 +194,25 @@ def main(argv=None) -> int:
                     f"--peers {path} was measured with {key}={config[key]}, this run has "
                     f"--{key} {getattr(args, key)}: give the same setting"
                 )
-    torch.set_flush_denormal(True)
-    keep_freed_memory()
-    g = torch.Generator().manual_seed(0)
-    model = OmniglotConvNet(5, generator=g)
-    batch = data(args.tasks, args.queries, g)
-    loop_step = step_fn("ours-loop-cg", copy.deepcopy(model), batch) if args.rounds else None
-    flops = step_flops(model, batch)
-    ours = flops["ours-loop-cg"]["gflop"]
+    return args
+
+
+def measure_rates(rounds: int, repeats: int, loop_step, ours: float) -> tuple[list, list]:
+    """The dense convolutions' rates, ``rounds`` times (at least once), each round followed
+    by one timed step of our loop where ``loop_step`` is given; returns each cell's median
+    over the rounds, and each round's best rate (and loop time)."""
     if loop_step is not None:
         loop_step()  # warm-up
-    sweeps, rounds = [], []
-    for _ in range(max(args.rounds, 1)):
-        sweeps.append([r for n in BATCHES for r in conv_rate(n, args.repeats)])
-        rounds.append({"best_dense_conv_gflops_per_s": best_rate(sweeps[-1])})
+    sweeps, out = [], []
+    for _ in range(max(rounds, 1)):
+        sweeps.append([r for n in BATCHES for r in conv_rate(n, repeats)])
+        out.append({"best_dense_conv_gflops_per_s": best_rate(sweeps[-1])})
         if loop_step is not None:
             t = seconds(loop_step)
-            rounds[-1] |= {
+            out[-1] |= {
                 "ours_loop_s": t,
-                "ours_loop_fraction_of_best": ours / t / rounds[-1]["best_dense_conv_gflops_per_s"],
+                "ours_loop_fraction_of_best": ours / t / out[-1]["best_dense_conv_gflops_per_s"],
             }
-    loop_s = [r["ours_loop_s"] for r in rounds if "ours_loop_s" in r]
-    # each cell's median over the rounds
     layers = [
         {
             **cells[0],
@@ -219,10 +220,15 @@ def main(argv=None) -> int:
         }
         for cells in zip(*sweeps, strict=True)
     ]
-    best = best_rate(layers)
-    relative = lambda path: os.path.relpath(path.resolve(), OUT.parent.parent)
+    return layers, out
+
+
+def achieved_rates(peers: list, flops: dict, best: float, loop_s: list[float]) -> list[dict]:
+    """The rate each peers.py row reached; with ``loop_s`` (our loop's times in this run),
+    at this run's speed of the machine: its time relative to its own run's loop, times
+    the loop's median time here."""
     achieved = []
-    for path in args.peers:
+    for path in peers:
         peer_rows = [r for r in json.loads(path.read_text())["rows"] if "error" not in r]
         loop_in_peers = {
             r.get("malloc", "system"): r["median_s"]
@@ -240,17 +246,18 @@ def main(argv=None) -> int:
                 "malloc": malloc,
                 "median_s": r["median_s"],
             }
+            seconds_here = r["median_s"]
             if loop_s and malloc in loop_in_peers:
-                # the peer run's time relative to its own loop, times the loop's time here:
-                # the implementation's time at this process's speed of the machine
-                seconds_here = r["median_s"] / loop_in_peers[malloc] * statistics.median(loop_s)
+                seconds_here = seconds_here / loop_in_peers[malloc] * statistics.median(loop_s)
                 row["seconds_at_this_speed"] = seconds_here
-            else:
-                seconds_here = r["median_s"]
             rate = impl_flops["gflop"] / seconds_here
             achieved.append(row | {"gflops_per_s": rate, "fraction_of_best": rate / best})
-    # what our compiled step would have to reach for the issue's CPU targets (5x the lean
-    # TorchOpt, 3x our per-task loop), at the same speed of the machine as its rows
+    return achieved
+
+
+def speed_targets(achieved: list[dict], ours: float, best: float) -> list[dict]:
+    """What each of our other rows would have to reach for the issue's CPU targets (5x the
+    lean TorchOpt, 3x our per-task loop), at the same speed of the machine as its rows."""
     targets = []
     by_key = {(x["impl"], x["peers"], x["malloc"]): x for x in achieved}
     for r in achieved:
@@ -272,6 +279,53 @@ def main(argv=None) -> int:
                     "fraction_of_best": ours / needed / best,
                 }
             )
+    return targets
+
+
+def report(payload: dict) -> None:
+    flops, best = payload["step_flops"], payload["best_dense_conv_gflops_per_s"]
+    print(
+        "one meta-step: "
+        + ", ".join(f"{k} {v.get('gflop', float('nan')):.1f} GFLOP" for k, v in flops.items())
+    )
+    print(
+        f"best dense-convolution rate on these layers: {best:.0f} GFLOP/s -> floor "
+        f"{payload['floor_s_ours']:.2f} s/step"
+    )
+    for i, r in enumerate(payload["rounds"]):
+        loop = ""
+        if "ours_loop_s" in r:
+            loop = f", our loop {r['ours_loop_s']:.2f} s "
+            loop += f"({100 * r['ours_loop_fraction_of_best']:.0f}% of best)"
+        print(
+            f"round {i + 1}: best dense rate {r['best_dense_conv_gflops_per_s']:.0f} GFLOP/s{loop}"
+        )
+    for t in payload["targets"]:
+        print(
+            f"{t['for']} ({t['malloc']}) for {t['target']}: {t['seconds']:.2f} s, "
+            f"{t['gflops_per_s']:.1f} GFLOP/s ({100 * t['fraction_of_best']:.0f}% of best)"
+        )
+    for r in payload["achieved"]:
+        print(
+            f"{r['impl']:20s} {r['malloc']:6s} {r['gflops_per_s']:6.1f} GFLOP/s "
+            f"({100 * r['fraction_of_best']:.0f}% of best)"
+        )
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_flush_denormal(True)
+    keep_freed_memory()
+    g = torch.Generator().manual_seed(0)
+    model = OmniglotConvNet(5, generator=g)
+    batch = data(args.tasks, args.queries, g)
+    loop_step = step_fn("ours-loop-cg", copy.deepcopy(model), batch) if args.rounds else None
+    flops = step_flops(model, batch)
+    ours = flops["ours-loop-cg"]["gflop"]
+    layers, rounds = measure_rates(args.rounds, args.repeats, loop_step, ours)
+    best = best_rate(layers)
+    loop_s = [r["ours_loop_s"] for r in rounds if "ours_loop_s" in r]
+    achieved = achieved_rates(args.peers, flops, best, loop_s)
     payload = {
         "config": {**vars(args), "peers": [relative(p) for p in args.peers]},
         "step_flops": flops,
@@ -280,35 +334,11 @@ def main(argv=None) -> int:
         "floor_s_ours": ours / best,
         "rounds": rounds,
         "achieved": achieved,
-        "targets": targets,
+        "targets": speed_targets(achieved, ours, best),
     }
     write(args.name, payload)
     plot(payload, OUT / f"{args.name}.png")
-    print(
-        "one meta-step: "
-        + ", ".join(f"{k} {v.get('gflop', float('nan')):.1f} GFLOP" for k, v in flops.items())
-    )
-    print(
-        f"best dense-convolution rate on these layers: {best:.0f} GFLOP/s -> floor {ours / best:.2f} s/step"
-    )
-    for i, r in enumerate(rounds):
-        print(
-            f"round {i + 1}: best dense rate {r['best_dense_conv_gflops_per_s']:.0f} GFLOP/s"
-            + (
-                f", our loop {r['ours_loop_s']:.2f} s ({100 * r['ours_loop_fraction_of_best']:.0f}% of best)"
-                if "ours_loop_s" in r
-                else ""
-            )
-        )
-    for t in targets:
-        print(
-            f"{t['for']} ({t['malloc']}) for {t['target']}: {t['seconds']:.2f} s, "
-            f"{t['gflops_per_s']:.1f} GFLOP/s ({100 * t['fraction_of_best']:.0f}% of best)"
-        )
-    for r in achieved:
-        print(
-            f"{r['impl']:20s} {r['malloc']:6s} {r['gflops_per_s']:6.1f} GFLOP/s ({100 * r['fraction_of_best']:.0f}% of best)"
-        )
+    report(payload)
     return 0
 
 
