@@ -221,6 +221,7 @@ class Bench:
 
     def __init__(self, args, device) -> None:
         self.device = device
+        self.graph = "on" if device.type == "cuda" else "off"  # CUDA graphs on a GPU only
         g = torch.Generator().manual_seed(0)
         self.g = g
         self.model = OmniglotConvNet(5, channels=args.channels, generator=g).to(device)
@@ -318,16 +319,15 @@ def reference_rows(args, bench: Bench, batch, q: int, conv: str) -> list:
     """The uncompiled graph's meta-gradient for ``conv`` (what the compiled rows are
     compared with), and unless ``--no-reference`` its row and, for the first query
     count, the uncompiled piecewise step's."""
-    graph = "on" if bench.device.type == "cuda" else "off"
     kw = dict(algo="imaml", queries=q, conv=conv, repeats=args.repeats)
-    eager = MetaStep(bench.imaml(flat=True), mode=graph)
+    eager = MetaStep(bench.imaml(flat=True), mode=bench.graph)
     ref = eager(bench.params, batch)[0]
     if args.no_reference:
         return ref
     bench.record("graph", lambda: eager(bench.params, batch), **kw, ref=ref)
     if q == args.compile_queries[0]:
         plain = bench.imaml(flat=True)
-        uncompiled = MetaStep(plain, mode=graph)  # piecewise, nothing compiled
+        uncompiled = MetaStep(plain, mode=bench.graph)  # piecewise, nothing compiled
         pieces = make_pieces(plain)
         uncompiled.step = functools.partial(meta_grad_piecewise, plain, pieces=pieces)
         bench.record("graph-pieces", lambda: uncompiled(bench.params, batch), **kw, ref=ref)
@@ -337,7 +337,6 @@ def reference_rows(args, bench: Bench, batch, q: int, conv: str) -> list:
 def compiled_rows(args, bench: Bench, combos: list[tuple], q: int) -> None:
     """Each compiled step of ``combos`` (``compile_combos``) with ``q`` query images per
     class: captured by the graph, and (unless ``--graph-only``) eager too."""
-    graph = "on" if bench.device.type == "cuda" else "off"
     batch = batch_of(args.tasks, q, bench.device, bench.g)
     refs = {}  # the uncompiled graph's meta-gradient per convolution choice
     for mode, hvp, layout, options, conv in combos:
@@ -346,7 +345,7 @@ def compiled_rows(args, bench: Bench, combos: list[tuple], q: int) -> None:
             refs[conv] = reference_rows(args, bench, batch, q, conv)
         alg = bench.imaml(flat=True, hvp_mode=hvp)
         solve = {"pieces": False, "pieces-solve": True}.get(mode)
-        step = MetaStep(alg, mode=graph, compile=mode.split("-")[0], solve_piece=solve)
+        step = MetaStep(alg, mode=bench.graph, compile=mode.split("-")[0], solve_piece=solve)
         name = mode + ("-hvp-fwd" if hvp == "fwd" else "")
         name += "-channels-last" if layout == "channels-last" else ""
         name += "".join(f"-{k}={v}" for k, v in options.items())

@@ -369,8 +369,6 @@ class _Run:
         self, *, time_budget_s: float | None, max_steps_this_run: int | None, tensorboard: bool
     ) -> dict:
         """Meta-steps until the schedule ends, a limit is reached or a signal arrives."""
-        from tqdm import tqdm
-
         cfg = self.cfg
         writer = _tensorboard(self.out) if tensorboard else None
         log = open(self.out / "metrics.jsonl" if self.d.main else os.devnull, "a")
@@ -386,22 +384,9 @@ class _Run:
                 max_steps_this_run is None or done + ahead < max_steps_this_run
             )
 
-        bar = tqdm(
-            total=cfg.meta_steps,
-            initial=self.step,
-            desc=f"{cfg.algo} {cfg.task}",
-            unit="step",
-            disable=not self.progress,
-            dynamic_ncols=True,
-        )
+        bar = self.progress_bar(compiling=self.compile_mode != "off" and can_launch(0))
         try:
             with StopFlag() as stop, bar:
-                if self.compile_mode != "off" and self.progress and can_launch(0):
-                    why = ", chosen by --compile auto" if cfg.compile == "auto" else ""
-                    bar.write(
-                        f"torch.compile ({self.compile_mode}{why}): compiling the "
-                        "meta-step (one-time)"
-                    )
                 nxt = self.launch() if can_launch(0) else None
                 while nxt is not None:
                     self.apply(nxt)
@@ -447,6 +432,27 @@ class _Run:
             if writer is not None:
                 writer.close()
         return self.summary(time.perf_counter() - t_start, done, stopped_by)
+
+    def progress_bar(self, *, compiling: bool):
+        """The bar over the schedule (hidden without ``progress``); it says when the first
+        step compiles, which takes a while once."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        bar = tqdm(
+            total=cfg.meta_steps,
+            initial=self.step,
+            desc=f"{cfg.algo} {cfg.task}",
+            unit="step",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
+        if compiling and self.progress:
+            why = ", chosen by --compile auto" if cfg.compile == "auto" else ""
+            bar.write(
+                f"torch.compile ({self.compile_mode}{why}): compiling the meta-step (one-time)"
+            )
+        return bar
 
     def stop_reason(self, stop, elapsed, budget, done, limit) -> str | None:
         """Why the run stops after this step, if it does; every rank agrees (max over ranks)."""
