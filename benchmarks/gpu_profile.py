@@ -44,6 +44,41 @@ VARIANTS = {
 }
 
 
+def graph_rows(alg, plain, params, batch, variants: dict, repeats: int) -> list[dict]:
+    """The step captured in a CUDA graph under each cuDNN variant, timed (CUDA only)."""
+    rows = []
+    for name, flags in variants.items():
+        saved = {k: getattr(torch.backends.cudnn, k) for k in flags}
+        for k, v in flags.items():
+            setattr(torch.backends.cudnn, k, v)
+        step = MetaStep(alg, mode="on")
+        step.step = plain.step
+        t = timeit(lambda step=step: step(params, batch), repeats=repeats, warmup=2)
+        for k, v in saved.items():
+            setattr(torch.backends.cudnn, k, v)
+        rows.append({"variant": name, "ms": 1000 * t["median_s"], **t})
+        print(f"graph, {name:16s} {1000 * t['median_s']:7.2f} ms", flush=True)
+    return rows
+
+
+def profile_once(fn, cuda: bool):
+    """One profiled call of ``fn``; on CUDA also its kernel count and summed kernel time."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    summary = {}
+    if cuda:
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        summary = {
+            "kernels_per_meta_step": len(kernels),
+            "summed_kernel_ms": sum(e.time_range.elapsed_us() for e in kernels) / 1000,
+        }
+        print(json.dumps(summary))
+    return prof, summary
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -82,36 +117,11 @@ def main(argv=None) -> int:
     # one step function (compiled once with --compile): the profile and every graph run it
     plain = MetaStep(alg, mode="off", compile=args.compile)
     variants = VARIANTS if args.compile == "off" else {"default": {}}
-    rows = []
-    if cuda:
-        for name, flags in variants.items():
-            saved = {k: getattr(torch.backends.cudnn, k) for k in flags}
-            for k, v in flags.items():
-                setattr(torch.backends.cudnn, k, v)
-            step = MetaStep(alg, mode="on")
-            step.step = plain.step
-            t = timeit(lambda step=step: step(params, batch), repeats=args.repeats, warmup=2)
-            for k, v in saved.items():
-                setattr(torch.backends.cudnn, k, v)
-            rows.append({"variant": name, "ms": 1000 * t["median_s"], **t})
-            print(f"graph, {name:16s} {1000 * t['median_s']:7.2f} ms", flush=True)
-
+    rows = graph_rows(alg, plain, params, batch, variants, args.repeats) if cuda else []
     eager = lambda: plain(params, batch)
     eager()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        eager()
-        if cuda:
-            torch.cuda.synchronize()
+    prof, summary = profile_once(eager, cuda)
     events = prof.key_averages()
-    summary = {}
-    if cuda:
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        summary = {
-            "kernels_per_meta_step": len(kernels),
-            "summed_kernel_ms": sum(e.time_range.elapsed_us() for e in kernels) / 1000,
-        }
-        print(json.dumps(summary))
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     table = events.table(sort_by=sort, row_limit=25)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -294,6 +294,40 @@ def _names(text: str, valid: tuple[str, ...], what: str) -> list[str]:
     return names
 
 
+def run_fresh_rows(impls: list[str], mallocs: list[str], args) -> list[dict]:
+    """Each implementation under each allocator in a fresh process, from an empty cache."""
+    rows = []
+    for impl in impls:
+        for malloc in mallocs:
+            cmd = [sys.executable, __file__, "--impl", impl, "--malloc", malloc]
+            for opt in ("repeats", "tasks", "queries"):
+                cmd += [f"--{opt}", str(getattr(args, opt))]
+            with tempfile.TemporaryDirectory() as cache:  # compile from scratch, every time
+                row = run_fresh(cmd, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
+            rows.append({"impl": impl, "malloc": malloc, **row})
+            if "error" in row:
+                print(f"{impl} ({malloc}): failed: {row['error']}")
+                continue
+            print(
+                f"{impl:20s} {malloc:6s} {row['median_s']:6.2f} s/meta-step  "
+                f"peak RSS {row['peak_rss_mib']:6.0f} MiB  "
+                f"{row['minor_faults_per_step']:9.0f} page faults/step"
+            )
+    return rows
+
+
+def add_speedups(rows: list[dict], args) -> None:
+    """Speed-ups over the references as their users run them (glibc's default allocator);
+    interleaved, over the references in the same process."""
+    ok = {(r["impl"], r["malloc"]): r for r in rows if "error" not in r}
+    for key, ref_impl in REFERENCES:
+        ref = ok.get((ref_impl, args.malloc if args.interleave else "system"))
+        for r in ok.values() if ref else ():
+            r[f"speedup_vs_{key}"] = ref["median_s"] / r["median_s"]
+            if "peak_rss_mib" in r:
+                r[f"rss_vs_{key}"] = r["peak_rss_mib"] / ref["peak_rss_mib"]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -334,7 +368,6 @@ def main(argv=None) -> int:
         return 0
     impls = _names(args.impls, IMPLS, "implementation")
     mallocs = _names(args.mallocs, MALLOCS, "allocator")
-    rows = []
     if args.interleave:
         if len(mallocs) != 1:
             raise SystemExit("peers.py: --interleave runs in one process: give one --mallocs")
@@ -342,31 +375,9 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as cache:  # compile from scratch
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
             rows = run_interleaved(impls, args)
-    for impl in impls if not args.interleave else ():
-        for malloc in mallocs:
-            cmd = [sys.executable, __file__, "--impl", impl, "--malloc", malloc]
-            for opt in ("repeats", "tasks", "queries"):
-                cmd += [f"--{opt}", str(getattr(args, opt))]
-            with tempfile.TemporaryDirectory() as cache:  # compile from scratch, every time
-                row = run_fresh(cmd, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
-            rows.append({"impl": impl, "malloc": malloc, **row})
-            if "error" in row:
-                print(f"{impl} ({malloc}): failed: {row['error']}")
-                continue
-            print(
-                f"{impl:20s} {malloc:6s} {row['median_s']:6.2f} s/meta-step  "
-                f"peak RSS {row['peak_rss_mib']:6.0f} MiB  "
-                f"{row['minor_faults_per_step']:9.0f} page faults/step"
-            )
-    ok = {(r["impl"], r["malloc"]): r for r in rows if "error" not in r}
-    # Speed-ups over the references as their users run them (glibc's default allocator);
-    # interleaved, over the references in the same process
-    for key, ref_impl in REFERENCES:
-        ref = ok.get((ref_impl, args.malloc if args.interleave else "system"))
-        for r in ok.values() if ref else ():
-            r[f"speedup_vs_{key}"] = ref["median_s"] / r["median_s"]
-            if "peak_rss_mib" in r:
-                r[f"rss_vs_{key}"] = r["peak_rss_mib"] / ref["peak_rss_mib"]
+    else:
+        rows = run_fresh_rows(impls, mallocs, args)
+    add_speedups(rows, args)
     cfg = {k: v for k, v in vars(args).items() if k not in ("impl", "malloc")} | {
         "lam": LAM,
         "inner_steps": STEPS,
