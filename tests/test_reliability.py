@@ -341,6 +341,8 @@ def test_config_file_values_apply_and_flags_win(tmp_path):
     "argv,match",
     [
         (["--k-shot", "10", "--k-query", "11"], "exceeds the 20"),
+        (["--train-shots", "20"], "train_shots + k_query = 21 exceeds the 20"),
+        (["--train-shots", "0"], "train_shots must be"),
         (["--lam", "-1"], "lam must be"),
         (["--meta-steps", "-3"], "meta_steps must be"),
         (["--preset", "omniglot-2w1s"], "unknown preset"),

@@ -45,11 +45,16 @@ def test_reading_one_step_behind_changes_nothing(tmp_path, monkeypatch):
     assert [r["step"] for r in log_of(runs[True]) if r["kind"] == "val"] == [3, 6]
 
 
-def test_training_equals_a_hand_written_outer_loop(tmp_path, behind):
-    """Algorithm 1 written out: sample, meta-gradient, Adam; the loop must give exactly it."""
-    cfg = sinusoid(meta_steps=4, val_tasks=0)
+@pytest.mark.parametrize("train_shots", [None, 7])
+def test_training_equals_a_hand_written_outer_loop(tmp_path, behind, train_shots):
+    """Algorithm 1 written out: sample, meta-gradient, Adam; the loop must give exactly it.
+    With ``train_shots`` the training tasks have that many support examples, the others K."""
+    cfg = sinusoid(meta_steps=4, val_tasks=0, train_shots=train_shots)
     meta_train(cfg, tmp_path / "r", progress=False, final_test=False)
     fams, _ = make_task_families(cfg, progress=False)
+    gen = torch.Generator().manual_seed(0)
+    shots = {k: fams[k].sample(2, generator=gen).support_x.shape[1] for k in fams}
+    assert shots == {"train": train_shots or cfg.k_shot, "val": cfg.k_shot, "test": cfg.k_shot}
     model = fams["train"].make_model(torch.Generator().manual_seed(cfg.seed))
     alg = make_algorithm(cfg.algo, model=model, loss=fams["train"].loss, **cfg.algorithm_kwargs())
     params = alg.meta_parameters(dict(model.named_parameters()))

@@ -26,6 +26,8 @@ HELP = {
     "n_way": "classes per task (N)",
     "k_shot": "support examples per class (K)",
     "k_query": "query examples per class (Q); default: K, as in the paper",
+    "train_shots": "support examples per class in meta-training tasks (default: K); "
+    "validation and test tasks keep K. Nichol et al.'s Reptile trains with 10",
     "split": "omniglot class split: paper (1623 pooled, 1200/423, disjoint), background "
     "(alphabets), or authors (the authors' release's two permutations: 310 of the 423 test "
     "characters are training characters, as there; every eval.json records the overlap)",

@@ -52,6 +52,7 @@ class Config:
     n_way: int = 5
     k_shot: int = 1
     k_query: int | None = None  # None: same as k_shot (the paper's Q = K)
+    train_shots: int | None = None  # support per class in training tasks; None: K (Reptile: 10)
     split: str = "paper"  # omniglot: paper | background | authors (overlapping, theirs)
     split_seed: int = 0
     val_classes: int = 100
@@ -109,6 +110,11 @@ class Config:
     @property
     def queries(self) -> int:
         return self.k_shot if self.k_query is None else self.k_query
+
+    @property
+    def train_k(self) -> int:
+        """Support examples per class of a meta-training task (validation and test use K)."""
+        return self.k_shot if self.train_shots is None else self.train_shots
 
     @property
     def lam_value(self) -> float:
@@ -248,6 +254,8 @@ def validate(cfg: Config) -> None:
     _int(cfg, "test_tasks", 1)
     if cfg.k_query is not None:
         _int(cfg, "k_query", 1)
+    if cfg.train_shots is not None:
+        _int(cfg, "train_shots", 1)
     if cfg.eval_inner_steps is not None:
         _int(cfg, "eval_inner_steps", 0)
     if cfg.threads is not None:
@@ -270,14 +278,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"max_skip_frac must be in [0, 1], got {cfg.max_skip_frac!r}")
     for name in ("cg_damping", "lam_damping", "inner_tol"):
         _num(cfg, name, positive=False)
-    if cfg.task == "omniglot":
-        if cfg.k_shot + cfg.queries > 20:
-            raise ConfigError(
-                f"k_shot + k_query = {cfg.k_shot + cfg.queries} exceeds the 20 "
-                "drawings per Omniglot character"
-            )
-    if cfg.task == "miniimagenet" and cfg.k_shot + cfg.queries > 600:
-        raise ConfigError("k_shot + k_query exceeds the 600 images per Mini-ImageNet class")
+    shots = max(cfg.k_shot, cfg.train_k)
+    what = "k_shot" if shots == cfg.k_shot else "train_shots"
+    if cfg.task == "omniglot" and shots + cfg.queries > 20:
+        raise ConfigError(
+            f"{what} + k_query = {shots + cfg.queries} exceeds the 20 drawings per Omniglot "
+            "character"
+        )
+    if cfg.task == "miniimagenet" and shots + cfg.queries > 600:
+        raise ConfigError(f"{what} + k_query exceeds the 600 images per Mini-ImageNet class")
     if cfg.compile == "pieces":
         if (why := piecewise_unsupported(cfg, algo=cfg.algo)) is not None:
             raise ConfigError(f"compile pieces does not support {why}; use --compile step")

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 
 def make_task_families(cfg, *, progress: bool = True) -> tuple[dict, dict]:
-    """{"train", "val", "test"} → task family for ``cfg``, and a description of the split."""
+    """{"train", "val", "test"} → task family for ``cfg``, and a description of the split.
+    Meta-training tasks have ``cfg.train_k`` support examples per class, the others K."""
     if cfg.task == "sinusoid":
         from .sinusoid import SinusoidTasks
 
         fam = SinusoidTasks(k_shot=cfg.k_shot, k_query=cfg.queries)
+        train = SinusoidTasks(k_shot=cfg.train_k, k_query=cfg.queries)
         info = {"kind": "none (fresh sinusoids)", "test_classes_in_training": 0}
-        return {"train": fam, "val": fam, "test": fam}, info
+        return {"train": train, "val": fam, "test": fam}, info
     if cfg.task == "omniglot":
         from .omniglot import OmniglotTasks, load_omniglot, make_split, training_classes_in_test
 
@@ -22,8 +24,9 @@ def make_task_families(cfg, *, progress: bool = True) -> tuple[dict, dict]:
             if name == "val" and not classes:
                 fams[name] = None
                 continue
+            k = cfg.train_k if name == "train" else cfg.k_shot
             fams[name] = OmniglotTasks(
-                data, classes, n_way=cfg.n_way, k_shot=cfg.k_shot, k_query=cfg.queries
+                data, classes, n_way=cfg.n_way, k_shot=k, k_query=cfg.queries
             )
         info = {
             "kind": cfg.split,
@@ -39,8 +42,7 @@ def make_task_families(cfg, *, progress: bool = True) -> tuple[dict, dict]:
         fams = {}
         for name in ("train", "val", "test"):
             data = load_miniimagenet(cfg.data_dir, name)
-            fams[name] = MiniImagenetTasks(
-                data, n_way=cfg.n_way, k_shot=cfg.k_shot, k_query=cfg.queries
-            )
+            k = cfg.train_k if name == "train" else cfg.k_shot
+            fams[name] = MiniImagenetTasks(data, n_way=cfg.n_way, k_shot=k, k_query=cfg.queries)
         return fams, {"kind": "ravi-larochelle", "test_classes_in_training": 0}
     raise ValueError(f"unknown task {cfg.task!r}")
