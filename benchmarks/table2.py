@@ -293,9 +293,10 @@ def row(cell: str) -> dict:
             r = json.loads(line)
             if r.get("kind") == "train":
                 times.append(r["step_time"])
-    if (folder / "machine.json").exists():
-        m = json.loads((folder / "machine.json").read_text())["runs"][-1]
-        device = m.get("gpu") or m.get("cpu_model") or m.get("cpu")
+    if (folder / "machine.json").exists():  # every machine the cell ran on, in order
+        runs = json.loads((folder / "machine.json").read_text())["runs"]
+        names = [m.get("gpu") or m.get("cpu_model") or m.get("cpu") for m in runs]
+        device = " + ".join(dict.fromkeys(n for n in names if n)) or None
     return {
         "setting": setting,
         "algo": algo,

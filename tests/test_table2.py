@@ -50,6 +50,15 @@ def test_the_cells_and_their_order(t2):
         t2.split_cell("omniglot-5w1s-protonet")
 
 
+def test_a_row_names_every_machine_its_cell_ran_on(t2):
+    folder = t2.RUNS / CELL
+    folder.mkdir(parents=True)
+    runs = [{"cpu_model": "Intel Xeon"}, {"cpu_model": "AMD EPYC"}, {"cpu_model": "Intel Xeon"}]
+    (folder / "machine.json").write_text(json.dumps({"runs": runs}))
+    assert t2.row(CELL)["device"] == "Intel Xeon + AMD EPYC"
+    assert t2.row("omniglot-5w1s-maml")["device"] is None  # no folder yet
+
+
 @needs_real
 def test_pack_unpack_round_trip_and_an_exact_resume(t2, tmp_path):
     train_to(t2, CELL, 2)
