@@ -401,7 +401,10 @@ def cmd_report(args) -> None:
 def markdown(rows: list[dict]) -> str:
     """The study's table: validation accuracy by configuration and meta-step."""
     steps = sorted({r["step"] for r in rows})
-    names = sorted({r["name"] for r in rows}, key=lambda n: (n in ("fomaml", "maml", "reptile"), n))
+    names = sorted(
+        {r["name"] for r in rows},
+        key=lambda n: (n.split("-")[0] in ("fomaml", "maml", "reptile"), n),
+    )
     cell = {(r["name"], r["step"]): r for r in rows}
     head = " | ".join(f"{s} common / own" for s in steps)
     lines = [

@@ -364,6 +364,10 @@ def markdown(rows: list[dict], payload: dict) -> str:
     lines += [
         "",
         f"GPU minutes still needed: {'not yet timed for every cell' if need is None else need}.",
+        "",
+        "The paper's Reptile row is Nichol et al.'s protocol (10 training shots per class and",
+        "other settings) that our Reptile preset does not follow yet, so the Reptile cells come",
+        "last: [docs/reproduction.md](../reproduction.md#the-papers-table-one-short-allocation-at-a-time).",
     ]
     return "\n".join(lines) + "\n"
 
