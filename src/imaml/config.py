@@ -52,7 +52,7 @@ class Config:
     n_way: int = 5
     k_shot: int = 1
     k_query: int | None = None  # None: same as k_shot (the paper's Q = K)
-    train_shots: int | None = None  # support per class in training tasks; None: K (Reptile: 10)
+    train_shots: int | None = None  # support per class in training tasks; None: K (Nichol: 10)
     split: str = "paper"  # omniglot: paper | background | authors (overlapping, theirs)
     split_seed: int = 0
     val_classes: int = 100
