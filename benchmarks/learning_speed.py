@@ -51,7 +51,14 @@ RECORD_KEYS = (
     "s_per_step",
     "machine",
 )
-COMMON_EVAL = {"lam": 0.0, "inner_steps": 16, "inner_lr": 0.1, "solver": "gd", "tol": 0.0}
+COMMON_EVAL = {
+    "lam": 0.0,
+    "inner_steps": 16,
+    "inner_lr": 0.1,
+    "solver": "gd",
+    "tol": 0.0,
+    "inner_batch": None,
+}
 
 # iMAML's settings, pinned (they must not move when the preset's defaults move): the
 # paper's inner loop (proximal term in every step), MINRES on I + H/λ, λ = 2.
@@ -72,6 +79,19 @@ _DAMPED = dict(solver="cg", cg_damping=1.0, lam_damping=10.0)  # 2I + H/12, the 
 _GGN = dict(curvature="ggn", solver="cg")  # the Gauss–Newton matrix, CG on I + G/λ
 _REF = dict(_IMAML, variant="reference_code")  # plain steps, then one pull-back
 _HF = dict(_IMAML, inner_solver="newton_cg", inner_steps=5, inner_lr=1.0)  # Newton-CG inner
+_NICHOL = dict(
+    algo="reptile",
+    train_shots=10,
+    inner_solver="adam",
+    inner_steps=5,
+    inner_lr=0.001,
+    inner_batch=10,
+    outer_optim="sgd",
+    outer_lr=1.0,
+    outer_lr_final=0.0,
+    eval_inner_steps=50,
+    eval_inner_batch=5,
+)
 CONFIGS: dict[str, dict] = {
     "imaml-paper-minres": dict(_IMAML),
     "imaml-paper-cg-damped": dict(_IMAML, **_DAMPED),
@@ -105,6 +125,12 @@ CONFIGS: dict[str, dict] = {
     # Reptile trained as Nichol et al. train it: 10 support examples per class in training
     # tasks (validation still 1-shot); the rest stays the presets' (16 plain steps at 0.1)
     "reptile-train10": dict(algo="reptile", train_shots=10),
+    # Nichol et al.'s Reptile protocol for 5-way Omniglot: 10 training shots, 5 Adam steps
+    # at 0.001 on mini-batches of 10, the meta-step θ ← θ + ε(φ̄ − θ) with ε from 1 to 0
+    # over their 100k steps of 5 tasks, 50 Adam steps to evaluate ...
+    "reptile-nichol": dict(_NICHOL, meta_batch=5, decay_steps=100_000),
+    # ... and the same 500k tasks in the 20,000 steps of Table 2: 25 tasks a step
+    "reptile-nichol-mb25": dict(_NICHOL, meta_batch=25, decay_steps=20_000),
 }
 
 

@@ -45,11 +45,17 @@ def test_reading_one_step_behind_changes_nothing(tmp_path, monkeypatch):
     assert [r["step"] for r in log_of(runs[True]) if r["kind"] == "val"] == [3, 6]
 
 
-@pytest.mark.parametrize("train_shots", [None, 7])
-def test_training_equals_a_hand_written_outer_loop(tmp_path, behind, train_shots):
+NICHOL = dict(algo="reptile", outer_optim="sgd", outer_lr=0.5, outer_lr_final=0.0, decay_steps=6)
+
+
+@pytest.mark.parametrize(
+    ("train_shots", "outer"), [(None, {}), (7, {}), (None, NICHOL)], ids=["K", "train7", "sgd"]
+)
+def test_training_equals_a_hand_written_outer_loop(tmp_path, behind, train_shots, outer):
     """Algorithm 1 written out: sample, meta-gradient, Adam; the loop must give exactly it.
-    With ``train_shots`` the training tasks have that many support examples, the others K."""
-    cfg = sinusoid(meta_steps=4, val_tasks=0, train_shots=train_shots)
+    With ``train_shots`` the training tasks have that many support examples, the others K.
+    With ``outer_optim`` sgd and ``outer_lr_final``: plain steps, lr decayed linearly."""
+    cfg = sinusoid(meta_steps=4, val_tasks=0, train_shots=train_shots, **outer)
     meta_train(cfg, tmp_path / "r", progress=False, final_test=False)
     fams, _ = make_task_families(cfg, progress=False)
     gen = torch.Generator().manual_seed(0)
@@ -61,11 +67,16 @@ def test_training_equals_a_hand_written_outer_loop(tmp_path, behind, train_shots
     opt = torch.optim.Adam(params.values(), lr=cfg.outer_lr, eps=cfg.adam_eps)
     step, gen = MetaStep(alg), torch.Generator().manual_seed(cfg.seed + TASK_STREAM)
     after = []
-    for _ in range(cfg.meta_steps):
+    for t in range(cfg.meta_steps):
         grads, _ = step(params, fams["train"].sample(cfg.meta_batch, generator=gen))
-        for k, p in params.items():
-            p.grad = grads[k]
-        opt.step()
+        with torch.no_grad():
+            for k, p in params.items():
+                if outer:  # θ ← θ − ε_t g, ε_t from 0.5 at t = 0 to 0 at t = 6
+                    p.add_(grads[k], alpha=-(0.5 + t / 6 * (0.0 - 0.5)))
+                else:
+                    p.grad = grads[k]
+        if not outer:
+            opt.step()
         after.append({k: p.detach().clone() for k, p in params.items()})
     saved = load_checkpoint(tmp_path / "r" / "last.pt")["params"]
     assert all(torch.equal(saved[k], after[-1][k]) for k in saved)
@@ -73,13 +84,18 @@ def test_training_equals_a_hand_written_outer_loop(tmp_path, behind, train_shots
 
 
 @pytest.mark.parametrize(
-    ("stop", "kw", "at"),
-    [("step limit", {"max_steps_this_run": 3}, 3), ("time budget", {"time_budget_s": 0.0}, 1)],
+    ("stop", "kw", "at", "outer"),
+    [
+        ("step limit", {"max_steps_this_run": 3}, 3, {}),
+        ("time budget", {"time_budget_s": 0.0}, 1, {}),
+        ("step limit", {"max_steps_this_run": 3}, 3, {**NICHOL, "inner_batch": 4}),
+    ],
 )
-def test_stopped_and_resumed_equals_uninterrupted(tmp_path, behind, stop, kw, at):
+def test_stopped_and_resumed_equals_uninterrupted(tmp_path, behind, stop, kw, at, outer):
     """Stopping drops a step launched ahead: the checkpoint and its sampler state are those
-    of the last step read, so the resumed run still equals the uninterrupted one."""
-    cfg = sinusoid(meta_steps=7, checkpoint_every=100)
+    of the last step read, so the resumed run still equals the uninterrupted one (with a
+    decaying outer learning rate and mini-batched inner steps too)."""
+    cfg = sinusoid(meta_steps=7, checkpoint_every=100, **outer)
     meta_train(cfg, tmp_path / "a", progress=False, final_test=False)
     s = meta_train(cfg, tmp_path / "b", progress=False, final_test=False, **kw)
     assert s["stopped_by"] == stop and s["step"] == at
@@ -156,3 +172,12 @@ def test_a_training_step_reads_no_device_value_but_the_optimisers(tmp_path, behi
         for _ in range(3):
             adam.step()
     assert counts[7] - counts[4] == len(rec.seen) > 0
+
+
+def test_the_decay_horizon_is_fixed_when_the_run_is_created():
+    """``decay_steps`` defaults to the schedule the run is created with and stays when a
+    resume extends ``meta_steps`` (a runtime field), so the learning rates do not move."""
+    cfg = sinusoid(meta_steps=8, **{k: v for k, v in NICHOL.items() if k != "decay_steps"})
+    assert cfg.decay_steps == 8 and cfg.replace(meta_steps=20).decay_steps == 8
+    assert [cfg.outer_lr_at(t) for t in (0, 4, 8, 12)] == [0.5, 0.25, 0.0, 0.0]
+    assert sinusoid().outer_lr_at(5) == sinusoid().outer_lr  # constant without a final lr

@@ -41,6 +41,9 @@ HELP = {
     "inner_lr": "inner optimiser step size α",
     "inner_solver": "inner optimiser: gd, momentum, adam, newton_cg (the paper's Hessian-free), lbfgs",
     "inner_tol": "stop a task's inner loop once ‖∇G(φ)‖ ≤ this (0: always run --inner-steps)",
+    "inner_batch": "support examples per inner step (gd, momentum, adam): each step takes the "
+    "next mini-batch of a fixed pseudo-random order of the support set, a new order each "
+    "epoch (default: all of it; Nichol et al.'s Reptile: 10)",
     "inner_cg_steps": "CG steps per Newton direction for --inner-solver newton_cg (paper: 5)",
     "learn_lam": "learn λ (imaml): none, scalar, or per_tensor (one λ per parameter tensor)",
     "variant": "inner loop: paper (proximal term in every step) or reference_code "
@@ -62,12 +65,20 @@ HELP = {
     "with --inner-solver newton_cg also the curvature of its Newton steps",
     "meta_batch": "tasks per meta-step (B)",
     "meta_steps": "outer (meta) steps in total",
-    "outer_lr": "Adam learning rate of the outer loop",
+    "outer_optim": "outer optimiser: adam (default) or sgd (plain steps; Reptile's meta-step "
+    "θ ← θ + ε(φ̄ − θ) with ε = --outer-lr)",
+    "outer_lr": "learning rate of the outer loop",
+    "outer_lr_final": "decay --outer-lr linearly to this over --decay-steps, then hold it "
+    "(default: constant; Nichol et al.'s Reptile: 1 → 0)",
+    "decay_steps": "meta-steps of the --outer-lr-final decay (default: --meta-steps when the run "
+    "is created; kept when it is resumed)",
     "adam_eps": "Adam epsilon of the outer loop",
     "seed": "seed of the model initialisation and of task sampling",
     "eval_lam": "λ used when evaluating (default: as in training; the authors use 0)",
     "eval_inner_steps": "inner steps when evaluating (default: as in training)",
     "eval_inner_lr": "inner step size when evaluating (default: as in training)",
+    "eval_inner_batch": "support examples per inner step when evaluating (default: as in "
+    "training; a batch as large as the support set uses all of it)",
     "val_every": "validate every N meta-steps (best checkpoint kept by validation score)",
     "val_tasks": "validation tasks per validation (0 disables validation)",
     "test_tasks": "test tasks of the final evaluation (paper: 600)",
@@ -252,6 +263,7 @@ def _add_eval(sub) -> None:
     e.add_argument("--eval-lam", type=float, help=HELP["eval_lam"])
     e.add_argument("--eval-inner-steps", type=int, help=HELP["eval_inner_steps"])
     e.add_argument("--eval-inner-lr", type=float, help=HELP["eval_inner_lr"])
+    e.add_argument("--eval-inner-batch", type=int, help=HELP["eval_inner_batch"])
     e.add_argument("--data-dir", help=HELP["data_dir"])
     e.add_argument("--device", help=HELP["device"])
     e.add_argument(
@@ -358,6 +370,7 @@ def cmd_eval(args) -> int:
         eval_lam=args.eval_lam,
         eval_inner_steps=args.eval_inner_steps,
         eval_inner_lr=args.eval_inner_lr,
+        eval_inner_batch=args.eval_inner_batch,
         data_dir=args.data_dir,
         device=args.device,
     )

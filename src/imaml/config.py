@@ -12,7 +12,7 @@ from .algorithms import ALGORITHMS, hyperparameter_names
 from .autodiff import CURVATURES, HVP_MODES
 from .checks import check_choice, check_int, check_number
 from .fast.pieces import piecewise_unsupported
-from .inner import VARIANTS
+from .inner import VARIANTS, check_mini_batch
 from .inner_optim import INNER_SOLVERS
 from .linalg import SOLVERS
 
@@ -64,6 +64,7 @@ class Config:
     inner_solver: str = "gd"
     variant: str = "paper"
     inner_tol: float = 0.0  # stop a task's inner loop once ‖∇G(φ)‖ ≤ inner_tol (0: never early)
+    inner_batch: int | None = None  # support examples per inner step; None: all (Nichol: 10)
     inner_cg_steps: int = 5  # CG steps per Newton direction (inner_solver newton_cg)
     cg_steps: int = 5
     solver: str = "minres"
@@ -75,13 +76,17 @@ class Config:
     # outer loop
     meta_batch: int = 32
     meta_steps: int = 20000
+    outer_optim: str = "adam"  # adam | sgd (Reptile's meta-step: θ ← θ + ε(φ̄ − θ))
     outer_lr: float = 1e-3
+    outer_lr_final: float | None = None  # linear decay of outer_lr to this (None: constant)
+    decay_steps: int | None = None  # ... over this many steps (None: meta_steps at creation)
     adam_eps: float = 1e-3
     seed: int = 0
     # evaluation: None means "as in training"
     eval_lam: float | None = None
     eval_inner_steps: int | None = None
     eval_inner_lr: float | None = None
+    eval_inner_batch: int | None = None
     val_every: int = 500
     val_tasks: int = 200
     test_tasks: int = 600
@@ -105,6 +110,8 @@ class Config:
     def __post_init__(self):
         if isinstance(self.compile, bool):  # configs written before compile took a mode
             object.__setattr__(self, "compile", "step" if self.compile else "off")
+        if self.outer_lr_final is not None and self.decay_steps is None:  # fixed at creation,
+            object.__setattr__(self, "decay_steps", self.meta_steps)  # so a resume keeps it
         validate(self)
 
     @property
@@ -119,6 +126,14 @@ class Config:
     @property
     def lam_value(self) -> float:
         return DEFAULT_LAM[self.algo] if self.lam is None else self.lam
+
+    def outer_lr_at(self, step: int) -> float:
+        """The outer learning rate of the step taken after ``step`` steps: ``outer_lr``
+        decayed linearly to ``outer_lr_final`` over ``decay_steps``, then held."""
+        if self.outer_lr_final is None:
+            return self.outer_lr
+        frac = min(step / self.decay_steps, 1.0) if self.decay_steps else 1.0
+        return self.outer_lr + frac * (self.outer_lr_final - self.outer_lr)
 
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)
@@ -160,6 +175,7 @@ class Config:
             "flat": {"auto": None, "on": True, "off": False}[self.flat],
             "task_chunk": self.task_chunk,
             "inner_tol": self.inner_tol,
+            "inner_batch": self.inner_batch,
             # newton_cg takes both: its CG steps, and the curvature of its Newton system
             "inner_options": {"cg_steps": self.inner_cg_steps, "curvature": self.curvature},
             "learn_lam": self.learn_lam,
@@ -173,6 +189,7 @@ class Config:
             "lam": self.eval_lam,
             "inner_steps": self.eval_inner_steps,
             "inner_lr": self.eval_inner_lr,
+            "inner_batch": self.eval_inner_batch,
         }
         return {k: v for k, v in out.items() if v is not None}
 
@@ -258,6 +275,18 @@ def validate(cfg: Config) -> None:
         _int(cfg, "train_shots", 1)
     if cfg.eval_inner_steps is not None:
         _int(cfg, "eval_inner_steps", 0)
+    for name in ("inner_batch", "eval_inner_batch"):
+        if getattr(cfg, name) is not None:
+            _int(cfg, name, 1)
+    if cfg.inner_batch is not None or cfg.eval_inner_batch is not None:
+        try:
+            check_mini_batch(cfg.inner_solver, cfg.inner_tol)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    _choice(cfg, "outer_optim", ("adam", "sgd"))
+    _num(cfg, "outer_lr_final", positive=False, allow_none=True)
+    if cfg.decay_steps is not None:
+        _int(cfg, "decay_steps", 0)
     if cfg.threads is not None:
         _int(cfg, "threads", 1)
     if cfg.task_chunk is not None:

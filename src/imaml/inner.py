@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
+import random
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
@@ -14,10 +16,41 @@ from torch import Tensor
 
 from .checks import check_int, check_number
 from .inner_optim import INNER_SOLVERS, get_inner_solver
+from .inner_optim._common import at_step
 from .params import Params
 
 VARIANTS = ("paper", "reference_code")
+# the inner solvers that can take each step on a mini-batch of the support set
+MINI_BATCH_SOLVERS = ("gd", "momentum", "adam")
 Lam = float | Tensor | Mapping[str, float | Tensor]
+
+
+class MiniBatched(NamedTuple):
+    """L̂ on the whole support set when called; ``at(t)``: L̂ on inner step t's mini-batch,
+    on which the first-order solvers (``MINI_BATCH_SOLVERS``) take step t."""
+
+    full: Callable[[Params], Tensor]
+    batches: tuple[Callable[[Params], Tensor], ...]
+
+    def __call__(self, phi: Params) -> Tensor:
+        return self.full(phi)
+
+    def at(self, t: int) -> Callable[[Params], Tensor]:
+        return self.batches[t % len(self.batches)]
+
+
+@functools.cache
+def batch_order(n: int, batch: int, steps: int) -> tuple[tuple[int, ...], ...]:
+    """The support examples (of ``n``) each of ``steps`` inner steps uses: epochs of a
+    fixed pseudo-random order of range(n), a new order each epoch and the same for every
+    task, cut into consecutive batches of ``batch`` (so one epoch is n / batch steps, and
+    a support set sorted by class still gives mixed batches)."""
+    rng, order = random.Random(0), []  # Python's RNG: torch's is vmap's inside a transform
+    while len(order) < steps * batch:
+        epoch = list(range(n))
+        rng.shuffle(epoch)
+        order += epoch
+    return tuple(tuple(order[t * batch : (t + 1) * batch]) for t in range(steps))
 
 
 def _lam_of(lam: Lam, key: str):
@@ -31,6 +64,10 @@ class Proximal(NamedTuple):
     support_loss: Callable[[Params], Tensor]
     theta: Params
     lam: Lam
+
+    def at(self, t: int) -> Proximal:
+        """G on inner step t's mini-batch (``MiniBatched``), the proximal term unchanged."""
+        return Proximal(at_step(self.support_loss, t), self.theta, self.lam)
 
     def __call__(self, phi: Params) -> Tensor:
         lam, theta = self.lam, self.theta
@@ -92,6 +129,21 @@ def solver_options(solver: str | Callable, options: Mapping | None) -> dict:
     return {k: v for k, v in options.items() if k in accepted}
 
 
+def check_mini_batch(solver, tol) -> None:
+    """ValueError, in one line, where mini-batched inner steps cannot apply."""
+    if not (isinstance(solver, str) and solver in MINI_BATCH_SOLVERS):
+        name = solver if isinstance(solver, str) else "a solver of one's own"
+        raise ValueError(
+            f"inner_batch (mini-batched inner steps) needs a first-order inner solver "
+            f"({', '.join(MINI_BATCH_SOLVERS)}), not {name}"
+        )
+    if tol > 0:
+        raise ValueError(
+            "inner_batch and inner_tol > 0 do not combine: a mini-batch's gradient norm does "
+            "not say whether the inner problem is solved; set inner_tol 0"
+        )
+
+
 def _check_adapt(lam, inner_steps, inner_lr, tol) -> None:
     """One-line errors for the inner loop's numbers (a tensor λ, e.g. learned, is not read)."""
     for v in lam.values() if isinstance(lam, Mapping) else [lam]:
@@ -122,6 +174,9 @@ def adapt(
     ‖∇G(φ)‖ ≤ ``tol``; ``options`` go to the solvers that take them.
 
     ``variant="paper"`` puts the proximal term in every step (Algorithm 2 of the paper).
+    A ``MiniBatched`` ``support_loss`` (``MetaAlgorithm(inner_batch=...)`` builds one)
+    has step t of gd, momentum or adam use its mini-batch t (Nichol et al.'s Reptile).
+
     ``variant="reference_code"`` reproduces the authors' release: ``inner_steps`` steps
     on L̂ alone, then one gradient step of size ``inner_lr`` on (λ/2)‖φ − θ‖² alone,
     i.e. φ ← φ − α·λ(φ − θ).
@@ -133,6 +188,8 @@ def adapt(
     if variant not in VARIANTS:
         raise ValueError(f"unknown inner-loop variant {variant!r}; choose one of {VARIANTS}")
     _check_adapt(lam, inner_steps, inner_lr, tol)
+    if isinstance(support_loss, MiniBatched):
+        check_mini_batch(solver, tol)
     run = get_inner_solver(solver)
     opts = solver_options(solver, options)
     objective = inner_objective(support_loss, theta, lam=lam, variant=variant)

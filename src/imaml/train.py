@@ -223,7 +223,7 @@ class _Run:
             split_info=split_info,
             alg=alg,
             params=params,
-            opt=torch.optim.Adam(params.values(), lr=cfg.outer_lr, eps=cfg.adam_eps),
+            opt=outer_optimizer(cfg, params),
             meta_step=MetaStep(
                 alg, mode=cfg.cuda_graph, compile=compile_mode, fallback=cfg.compile == "auto"
             ),
@@ -317,6 +317,8 @@ class _Run:
         for k, p in self.params.items():
             p.grad = s.grads.get(k)  # none for a frozen parameter
         s.before = {k: p.detach().clone() for k, p in self.params.items()}
+        for group in self.opt.param_groups:
+            group["lr"] = self.cfg.outer_lr_at(self.step)
         self.opt.step()
         finite = torch.stack([torch.isfinite(p).all() for p in self.params.values()]).all()
         s.names, values = summary_tensor(s.stats)
@@ -356,7 +358,8 @@ class _Run:
             shown["acc"] = f"{record['query_accuracy']:.3f}"
         if self.best["mean"] is not None:
             shown["val"] = f"{self.best['mean']:.3f}"
-        shown["|∇G|"] = f"{record['inner_grad_norm']:.2g}"  # Theorem 1's δ
+        if "inner_grad_norm" in record:  # not with mini-batched inner steps
+            shown["|∇G|"] = f"{record['inner_grad_norm']:.2g}"  # Theorem 1's δ
         if "solver_residual" in record:
             shown["res"] = f"{record['solver_residual']:.2g}"
             shown["neg"] = f"{record['negative_curvature_frac']:.2f}"
@@ -496,6 +499,14 @@ class _Run:
             except Exception as e:  # a plot must never cost a run its results
                 summary["plot_error"] = str(e)
         return summary
+
+
+def outer_optimizer(cfg: Config, params: dict) -> torch.optim.Optimizer:
+    """Adam (the paper's) or plain SGD (Reptile's meta-step) on the meta-parameters; the
+    learning rate is set before every step (``Config.outer_lr_at``)."""
+    if cfg.outer_optim == "sgd":
+        return torch.optim.SGD(params.values(), lr=cfg.outer_lr)
+    return torch.optim.Adam(params.values(), lr=cfg.outer_lr, eps=cfg.adam_eps)
 
 
 def _log(log, writer, entry: dict) -> None:

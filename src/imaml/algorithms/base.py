@@ -17,6 +17,7 @@ backward costs more; so ``flat=None`` (default) flattens on CUDA only.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -26,7 +27,7 @@ from torch.func import functional_call, grad, vmap
 
 from ..autodiff import SplitLoss
 from ..checks import check_int, check_number
-from ..inner import VARIANTS, adapt, proximal_objective
+from ..inner import VARIANTS, MiniBatched, adapt, batch_order, check_mini_batch, proximal_objective
 from ..inner_optim import get_inner_solver
 from ..params import Params, norm, ravel
 from .checks import (
@@ -39,6 +40,13 @@ from .checks import (
 )
 
 FLAT = "_flat"  # key of the flattened network parameters on the fast path
+
+
+@functools.cache
+def _order_tensor(n: int, batch: int, steps: int, device: torch.device) -> Tensor:
+    """``batch_order`` as a (steps, batch) index tensor on ``device``, made once (so a
+    CUDA graph captures no host-to-device copy)."""
+    return torch.tensor(batch_order(n, batch, steps), device=device)
 
 
 class TaskBatch(NamedTuple):
@@ -81,6 +89,7 @@ class MetaAlgorithm:
         variant: str = "paper",
         inner_tol: float = 0.0,
         inner_options: dict | None = None,
+        inner_batch: int | None = None,
         batched: bool = True,
         flat: bool | None = None,
         task_chunk: int | None = None,
@@ -99,6 +108,9 @@ class MetaAlgorithm:
             raise ValueError(f"unknown inner-loop variant {variant!r}; choose one of {VARIANTS}")
         if task_chunk is not None:
             check_int("task_chunk", task_chunk, minimum=1)
+        if inner_batch is not None:
+            check_int("inner_batch", inner_batch, minimum=1)
+            check_mini_batch(inner_solver, inner_tol)
         self.model = model
         self.loss = loss
         self.lam = float(lam)
@@ -108,6 +120,7 @@ class MetaAlgorithm:
         self.variant = variant
         self.inner_tol = float(inner_tol)
         self.inner_options = dict(inner_options or {})
+        self.inner_batch = inner_batch
         self.batched = bool(batched)
         if flat not in (None, True, False):
             raise ValueError(f"flat must be True, False or None (CUDA only), got {flat!r}")
@@ -202,6 +215,7 @@ class MetaAlgorithm:
             "variant": self.variant,
             "tol": self.inner_tol,
             "options": self.inner_options,
+            "inner_batch": self.inner_batch,
         }
         hp.update(overrides)
         return hp
@@ -211,7 +225,18 @@ class MetaAlgorithm:
         model_params, lam = self.split_meta(theta)
         hp = self.inner_settings(**overrides)
         hp.setdefault("lam", lam)
-        return adapt(self.loss_of(sx, sy), model_params, return_info=True, **hp)
+        loss = self.support_loss(sx, sy, batch=hp.pop("inner_batch"), steps=hp["inner_steps"])
+        return adapt(loss, model_params, return_info=True, **hp)
+
+    def support_loss(self, sx: Tensor, sy: Tensor, *, batch: int | None, steps: int):
+        """L̂ on the support set; with ``batch`` smaller than it, also each inner step's
+        mini-batch of ``batch`` examples (``imaml.inner.batch_order``)."""
+        full = self.loss_of(sx, sy)
+        n = sx.shape[0]
+        if batch is None or batch >= n or steps == 0:
+            return full
+        order = _order_tensor(n, batch, steps, sx.device)
+        return MiniBatched(full, tuple(self.loss_of(sx[i], sy[i]) for i in order))
 
     def adapt(self, theta: Params, sx: Tensor, sy: Tensor, **overrides) -> Params:
         """φ from the shared inner loop (training and evaluation alike)."""
@@ -222,6 +247,16 @@ class MetaAlgorithm:
         model_params, lam = self.split_meta(theta)
         G = proximal_objective(self.loss_of(sx, sy), model_params, lam=lam)
         return norm(grad(G)(phi))
+
+    def inner_stats(self, theta: Params, phi: Params, sx, sy, info: dict) -> dict[str, Tensor]:
+        """How far the inner loop got: ‖∇G(φ)‖ on the whole support set, and its iterations.
+        With ``inner_batch`` the norm is left out: its full-support gradient would cost
+        more than the mini-batched steps themselves (docs/reproduction.md)."""
+        stats = {}
+        if self.inner_batch is None:
+            stats["inner_grad_norm"] = self.inner_grad_norm(theta, phi, sx, sy)
+        stats["inner_iterations"] = info["iterations"]
+        return stats
 
     def query_stats(self, phi: Params, sx, sy, qx, qy) -> dict[str, Tensor]:
         q_loss, q_metric = self.loss_and_metric(phi, qx, qy)
@@ -315,6 +350,7 @@ class MetaAlgorithm:
             "variant": self.variant,
             "inner_tol": self.inner_tol,
             "inner_options": self.inner_options,
+            "inner_batch": self.inner_batch,
             "loss": self.loss if isinstance(self.loss, str) else "custom",
             "batched": self.batched,
             "flat": self.flat,

@@ -49,6 +49,7 @@ class IMAML(MetaAlgorithm):
         variant: str = "paper",
         inner_tol: float = 0.0,
         inner_options: dict | None = None,
+        inner_batch: int | None = None,
         cg_steps: int = 5,
         cg_tol: float = 0.0,
         solver: str = DEFAULT_SOLVER,
@@ -71,6 +72,7 @@ class IMAML(MetaAlgorithm):
             variant=variant,
             inner_tol=inner_tol,
             inner_options=inner_options,
+            inner_batch=inner_batch,
             batched=batched,
             # one λ per tensor needs the tensors apart (Λ is keyed by parameter name)
             flat=False if learn_lam == "per_tensor" else flat,

@@ -22,6 +22,5 @@ class MAML(MetaAlgorithm):
 
         g, (phi, info) = grad(outer, has_aux=True)(theta)
         stats = self.query_stats(phi, sx, sy, qx, qy)
-        stats["inner_grad_norm"] = self.inner_grad_norm(theta, phi, sx, sy)
-        stats["inner_iterations"] = info["iterations"]
+        stats.update(self.inner_stats(theta, phi, sx, sy, info))
         return g, stats

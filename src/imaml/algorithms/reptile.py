@@ -17,6 +17,5 @@ class Reptile(MetaAlgorithm):
         phi, info = self.adapt_with_info(theta, sx, sy)
         g = {k: theta[k] - phi[k] for k in theta}
         stats = self.query_stats(phi, sx, sy, qx, qy)
-        stats["inner_grad_norm"] = self.inner_grad_norm(theta, phi, sx, sy)
-        stats["inner_iterations"] = info["iterations"]
+        stats.update(self.inner_stats(theta, phi, sx, sy, info))
         return g, stats

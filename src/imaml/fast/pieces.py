@@ -28,7 +28,7 @@ from ..params import Params, ravel
 def piecewise_unsupported(settings, *, algo: str) -> str | None:
     """Why ``imaml.fast.meta_grad_piecewise`` does not apply to algorithm ``algo`` with
     ``settings`` (an algorithm or a run's ``Config``: anything with ``batched``,
-    ``inner_solver``, ``inner_tol``, ``learn_lam`` and ``solver``), or None
+    ``inner_solver``, ``inner_tol``, ``learn_lam``, ``inner_batch`` and ``solver``), or None
     if it does. It is iMAML's; its inner loop repeats one plain gradient step (no solver
     state, no early stop), and its solver runs on T systems at once (not the dense
     ``exact`` solve)."""
@@ -43,6 +43,8 @@ def piecewise_unsupported(settings, *, algo: str) -> str | None:
         )
     if settings.learn_lam != "none":
         return f"learn_lam={settings.learn_lam!r}"
+    if settings.inner_batch is not None:
+        return "inner_batch (mini-batched inner steps)"
     if settings.solver == "exact":
         return "solver='exact'"
     return None

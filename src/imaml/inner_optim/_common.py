@@ -11,6 +11,13 @@ from ..autodiff import in_transform
 from ..params import Params, dot, norm
 
 
+def at_step(objective: Callable[[Params], Tensor], t: int) -> Callable[[Params], Tensor]:
+    """What inner step t minimises: the objective itself, or, for an objective with
+    mini-batches (``imaml.inner.MiniBatched``), its mini-batch t."""
+    at = getattr(objective, "at", None)
+    return objective if at is None else at(t)
+
+
 def start(phi0: Params) -> tuple[Tensor, Tensor]:
     """(active mask, iteration counter) as 0-dim tensors on φ's device."""
     ref = next(iter(phi0.values()))

@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.func import grad
 
 from ..params import Params
-from ._common import all_stopped, start, still_active, where
+from ._common import all_stopped, at_step, start, still_active, where
 
 
 def adam(
@@ -24,14 +24,13 @@ def adam(
 ):
     """Adam with bias correction; a task stops once ‖∇G‖ ≤ ``tol``."""
     b1, b2 = betas
-    g_fn = grad(objective)
     phi = phi0
     m = {k: 0.0 * p for k, p in phi0.items()}
     s = {k: 0.0 * p for k, p in phi0.items()}
     active, iters = start(phi0)
     gn = None
     for t in range(1, steps + 1):
-        g = g_fn(phi)
+        g = grad(at_step(objective, t - 1))(phi)
         active, gn = still_active(active, g, tol)
         if tol > 0 and all_stopped(active):
             break

@@ -8,19 +8,18 @@ from torch import Tensor
 from torch.func import grad
 
 from ..params import Params
-from ._common import all_stopped, start, still_active, where
+from ._common import all_stopped, at_step, start, still_active, where
 
 
 def gd(
     objective: Callable[[Params], Tensor], phi0: Params, *, steps: int, lr: float, tol: float = 0.0
 ):
     """Up to ``steps`` steps of size ``lr``; a task stops once ‖∇G‖ ≤ ``tol``."""
-    g_fn = grad(objective)
     phi = phi0
     active, iters = start(phi0)
     gn = None
     for i in range(steps):
-        g = g_fn(phi)
+        g = grad(at_step(objective, i))(phi)
         if tol > 0 or i == steps - 1:  # with tol = 0 only the last norm is reported
             active, gn = still_active(active, g, tol)
         if tol > 0 and all_stopped(active):
@@ -45,13 +44,12 @@ def momentum(
     nesterov: bool = False,
 ):
     """Heavy ball: v ← βv + ∇G(φ), φ ← φ − α·v (Nesterov: φ ← φ − α(∇G + βv))."""
-    g_fn = grad(objective)
     phi = phi0
     v = {k: 0.0 * p for k, p in phi0.items()}
     active, iters = start(phi0)
     gn = None
     for i in range(steps):
-        g = g_fn(phi)
+        g = grad(at_step(objective, i))(phi)
         if tol > 0 or i == steps - 1:
             active, gn = still_active(active, g, tol)
         if tol > 0 and all_stopped(active):
