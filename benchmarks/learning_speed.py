@@ -79,6 +79,20 @@ _DAMPED = dict(solver="cg", cg_damping=1.0, lam_damping=10.0)  # 2I + H/12, the 
 _GGN = dict(curvature="ggn", solver="cg")  # the Gauss–Newton matrix, CG on I + G/λ
 _REF = dict(_IMAML, variant="reference_code")  # plain steps, then one pull-back
 _HF = dict(_IMAML, inner_solver="newton_cg", inner_steps=5, inner_lr=1.0)  # Newton-CG inner
+_PRESET_REPTILE = dict(
+    algo="reptile",
+    train_shots=None,
+    inner_solver="gd",
+    inner_steps=16,
+    inner_lr=0.1,
+    inner_batch=None,
+    outer_optim="adam",
+    outer_lr=1e-3,
+    outer_lr_final=None,
+    meta_batch=32,
+    eval_inner_steps=None,
+    eval_inner_batch=None,
+)
 _NICHOL = dict(
     algo="reptile",
     train_shots=10,
@@ -121,16 +135,24 @@ CONFIGS: dict[str, dict] = {
     "imaml-paper-ggn-lam0.5-tol0.15": dict(_IMAML, **_GGN, lam=0.5, inner_steps=64, inner_tol=0.15),
     "fomaml": dict(algo="fomaml"),
     "maml": dict(algo="maml"),
-    "reptile": dict(algo="reptile"),
-    # Reptile trained as Nichol et al. train it: 10 support examples per class in training
-    # tasks (validation still 1-shot); the rest stays the presets' (16 plain steps at 0.1)
-    "reptile-train10": dict(algo="reptile", train_shots=10),
+    # Reptile on the presets' loop, pinned (16 plain steps at 0.1, Adam on θ − φ)
+    "reptile": dict(_PRESET_REPTILE),
+    # ... trained on 10 support examples per class (validation still 1-shot)
+    "reptile-train10": dict(_PRESET_REPTILE, train_shots=10),
     # Nichol et al.'s Reptile protocol for 5-way Omniglot: 10 training shots, 5 Adam steps
     # at 0.001 on mini-batches of 10, the meta-step θ ← θ + ε(φ̄ − θ) with ε from 1 to 0
     # over their 100k steps of 5 tasks, 50 Adam steps to evaluate ...
     "reptile-nichol": dict(_NICHOL, meta_batch=5, decay_steps=100_000),
     # ... and the same 500k tasks in the 20,000 steps of Table 2: 25 tasks a step
     "reptile-nichol-mb25": dict(_NICHOL, meta_batch=25, decay_steps=20_000),
+    # a diagnostic: Nichol's protocol with plain inner steps (0.1, the presets' step) in
+    # place of Adam, whose steps of size lr whatever the gradient's size grow θ's norm
+    "reptile-nichol-gd": dict(
+        _NICHOL, meta_batch=5, decay_steps=100_000, inner_solver="gd", inner_lr=0.1
+    ),
+    "reptile-nichol-gd-mb25": dict(
+        _NICHOL, meta_batch=25, decay_steps=20_000, inner_solver="gd", inner_lr=0.1
+    ),
 }
 
 

@@ -43,9 +43,10 @@ def train_to(t2, cell, step):
 def test_the_cells_and_their_order(t2):
     names = t2.cells()
     assert len(names) == 20 and len(set(names)) == 20
-    assert names[:4] == [f"omniglot-5w1s-{a}" for a in ("imaml-gd", "maml", "fomaml", "imaml-hf")]
-    assert all("imaml" in c for c in names[8:12]) and not any("imaml" in c for c in names[12:])
-    assert all(c.endswith("-reptile") for c in names[16:])  # last until its protocol is fixed
+    one_shot = ("imaml-gd", "maml", "fomaml", "reptile", "imaml-hf")
+    assert names[:5] == [f"omniglot-5w1s-{a}" for a in one_shot]
+    assert names[5:10] == [f"omniglot-20w1s-{a}" for a in one_shot]
+    assert all("imaml" in c for c in names[10:14]) and not any("imaml" in c for c in names[14:])
     with pytest.raises(t2.CellError, match="unknown cell"):
         t2.split_cell("omniglot-5w1s-protonet")
 

@@ -181,6 +181,38 @@ def test_every_preset_is_valid_for_every_algorithm():
             assert cfg.lam_value == (imaml_lam if algo == "imaml" else 0.0)
 
 
+def test_reptile_takes_nichols_protocol_on_the_omniglot_presets():
+    """Nichol et al.'s Reptile (10 training shots, mini-batches, meta-step 1 → 0 over the
+    schedule; their 5 tasks × 100k steps, 20-way 200k, as 25 (50) × 20,000) with plain
+    inner steps; given values win, the other algorithms keep the presets' loop."""
+    five, twenty = (from_preset(f"omniglot-{s}", algo="reptile") for s in ("5w1s", "20w5s"))
+    assert (five.train_k, five.inner_solver, five.inner_steps, five.inner_batch) == (
+        10,
+        "gd",
+        5,
+        10,
+    )
+    assert (five.outer_optim, five.outer_lr, five.outer_lr_final, five.decay_steps) == (
+        "sgd",
+        1.0,
+        0.0,
+        20000,
+    )
+    assert (five.meta_batch, five.eval_inner_steps, five.eval_inner_batch) == (25, 50, 5)
+    assert (twenty.inner_steps, twenty.inner_batch, twenty.meta_batch) == (10, 20, 50)
+    assert twenty.eval_inner_batch == 10 and twenty.k_shot == 5
+    assert from_preset("omniglot-5w1s", algo="reptile", inner_steps=16).inner_steps == 16
+    for algo in ("imaml", "maml", "fomaml"):
+        cfg = from_preset("omniglot-5w1s", algo=algo)
+        assert (cfg.inner_batch, cfg.train_shots, cfg.outer_optim, cfg.meta_batch) == (
+            None,
+            None,
+            "adam",
+            32,
+        )
+    assert from_preset("omniglot-5w1s-hf", algo="reptile").inner_solver == "newton_cg"
+
+
 def test_imaml_settings_apply_to_imaml_alone_and_yield_to_given_values():
     cfg = from_preset("omniglot-5w1s")
     assert (cfg.variant, cfg.curvature, cfg.solver, cfg.lam_value) == (

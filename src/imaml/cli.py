@@ -13,6 +13,7 @@ from .config import (
     IMAML_SETTINGS,
     PRESET_NOTES,
     PRESETS,
+    REPTILE_SETTINGS,
     RUNTIME_FIELDS,
     Config,
     ConfigError,
@@ -390,11 +391,13 @@ def cmd_presets(args) -> int:
         cfg = from_preset(name)
         print(f"{name}:")
         for k, v in values.items():
-            print(f"  {k:>12} = {v}")
+            print(f"  {k:>16} = {v}")
         for k, v in IMAML_SETTINGS.get(name, {}).items():
             if k != "lam":
-                print(f"  {k:>12} = {v} (imaml)")
-        print(f"  {'lam':>12} = {cfg.lam_value} (imaml; baselines use 0)")
+                print(f"  {k:>16} = {v} (imaml)")
+        for k, v in REPTILE_SETTINGS.get(name, {}).items():
+            print(f"  {k:>16} = {v} (reptile)")
+        print(f"  {'lam':>16} = {cfg.lam_value} (imaml; baselines use 0)")
         if name in PRESET_NOTES:
             print(f"  note: {PRESET_NOTES[name]}")
     return 0

@@ -391,6 +391,34 @@ IMAML_SETTINGS: dict[str, dict] = {
     **{name: OMNIGLOT_IMAML for name in _OMNIGLOT_GD},
     **{f"{name}-hf": OMNIGLOT_IMAML_HF for name in _OMNIGLOT_GD},
 }
+
+
+# Reptile's settings on the Omniglot GD presets, applied as iMAML's are: Nichol et al.'s
+# protocol, whose transductive figures are the paper's Reptile row (10 training shots per
+# class, inner steps on mini-batches of 10, 20-way 20; the meta-step θ ← θ + ε(φ̄ − θ) with
+# ε from 1 to 0; 50 steps to evaluate; their 100k (20-way 200k) steps of 5 tasks as
+# 20,000 of 25 (50)), with plain inner steps of the presets' size 0.1 in place of their
+# Adam, whose state carries over from task to task there: a fresh Adam per task grew θ's
+# norm and stopped near 70% (docs/reproduction.md, "The paper's table").
+def _nichol(n_way: int) -> dict:
+    five = n_way == 5
+    return dict(
+        train_shots=10,
+        inner_solver="gd",
+        inner_steps=5 if five else 10,
+        inner_lr=0.1,
+        inner_batch=10 if five else 20,
+        outer_optim="sgd",
+        outer_lr=1.0,
+        outer_lr_final=0.0,
+        meta_batch=25 if five else 50,
+        eval_inner_steps=50,
+        eval_inner_batch=5 if five else 10,
+    )
+
+
+REPTILE_SETTINGS = {name: _nichol(v["n_way"]) for name, v in _OMNIGLOT_GD.items()}
+ALGO_SETTINGS = {"imaml": IMAML_SETTINGS, "reptile": REPTILE_SETTINGS}
 PRESET_NOTES = {
     **{
         f"omniglot-{s}-hf": "iMAML-HF: Newton-CG inner solver on the Gauss–Newton matrix + λI (5 CG "
@@ -405,11 +433,10 @@ PRESET_NOTES = {
 
 
 def from_preset(name: str, **overrides) -> Config:
-    """The preset's values under ``overrides``; for imaml, also the preset's iMAML
-    settings (``IMAML_SETTINGS``) that ``overrides`` leaves open."""
+    """The preset's values under ``overrides``; for imaml and reptile, also the preset's
+    settings of that algorithm (``ALGO_SETTINGS``) that ``overrides`` leaves open."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    values = {**PRESETS[name], **overrides}
-    if values.get("algo", Config.algo) == "imaml":  # Config.algo: the default algorithm
-        values = {**IMAML_SETTINGS.get(name, {}), **values}
-    return Config.from_dict(values)
+    algo = overrides.get("algo", PRESETS[name].get("algo", Config.algo))  # Config's default
+    settings = ALGO_SETTINGS.get(algo, {}).get(name, {})
+    return Config.from_dict({**PRESETS[name], **settings, **overrides})
