@@ -438,5 +438,5 @@ def from_preset(name: str, **overrides) -> Config:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     algo = overrides.get("algo", PRESETS[name].get("algo", Config.algo))  # Config's default
-    settings = ALGO_SETTINGS.get(algo, {}).get(name, {})
+    settings = ALGO_SETTINGS.get(algo, {}).get(name, {}) if isinstance(algo, str) else {}
     return Config.from_dict({**PRESETS[name], **settings, **overrides})
