@@ -285,12 +285,7 @@ def row(cell: str) -> dict:
     setting, algo = split_cell(cell)
     folder = RUNS / cell
     ev = json.loads((folder / "eval.json").read_text()) if (folder / "eval.json").exists() else None
-    times, device = [], None
-    if (folder / "metrics.jsonl").exists():
-        for line in (folder / "metrics.jsonl").read_text().splitlines():
-            r = json.loads(line)
-            if r.get("kind") == "train":
-                times.append(r["step_time"])
+    times, device = [r["step_time"] for r in _records(folder, "train")], None
     if (folder / "machine.json").exists():  # every machine the cell ran on, in order
         runs = json.loads((folder / "machine.json").read_text())["runs"]
         names = [m.get("gpu") or m.get("cpu_model") or m.get("cpu") for m in runs]
@@ -310,8 +305,22 @@ def row(cell: str) -> dict:
     }
 
 
+def _records(folder: Path, kind: str) -> list[dict]:
+    """The ``metrics.jsonl`` records of ``kind`` ("train", "val") in a cell's folder."""
+    path = folder / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [r for r in map(json.loads, lines) if r.get("kind") == kind]
+
+
+def validation(cell: str) -> list[dict]:
+    """The cell's own validation during training: step, accuracy, 95% CI, tasks."""
+    keys = ("step", "mean", "ci95", "tasks")
+    return [{k: r[k] for k in keys} for r in _records(RUNS / cell, "val")]
+
+
 def cmd_status(args) -> None:
     rows = [row(c) for c in cells()]
+    curves = {c: v for c in cells() if (v := validation(c))}
     times = _step_times()
     left = [
         (r, times.get(f"{r['setting']}-{r['algo']}"))
@@ -325,6 +334,7 @@ def cmd_status(args) -> None:
         "gpu_s_per_step": times,
         "gpu_minutes_needed": round(minutes, 1) if all(t is not None for _, t in left) else None,
         "gpu_minutes_needed_timed_cells": round(minutes, 1),
+        "validation": curves,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "table2.json").write_text(json.dumps(payload, indent=1))
@@ -363,10 +373,32 @@ def markdown(rows: list[dict], payload: dict) -> str:
         "",
         f"GPU minutes still needed: {'not yet timed for every cell' if need is None else need}.",
         "",
+        *validation_table(payload["validation"]),
         "The Reptile cells train Nichol et al.'s protocol, whose figures are the paper's row,",
         "with plain inner steps in place of their Adam: [docs/reproduction.md](../reproduction.md#the-papers-table-one-short-allocation-at-a-time).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def validation_table(curves: dict[str, list[dict]]) -> list[str]:
+    """Markdown lines: each started cell's own validation accuracy (%) by meta-step."""
+    if not curves:
+        return []
+    steps = sorted({v["step"] for vals in curves.values() for v in vals})
+    tasks = sorted({v["tasks"] for vals in curves.values() for v in vals})
+    ci = max(v["ci95"] for vals in curves.values() for v in vals)
+    lines = [
+        "Validation during training, with each cell's own evaluation (% on "
+        f"{' or '.join(map(str, tasks))} tasks of the validation characters, 95% CI at most "
+        f"±{100 * ci:.1f}; `metrics.jsonl`):",
+        "",
+        "| cell | " + " | ".join(f"{s:,}" for s in steps) + " |",
+        "|---|" + "---|" * len(steps),
+    ]
+    for cell, vals in curves.items():
+        at = {v["step"]: f"{100 * v['mean']:.1f}" for v in vals}
+        lines.append(f"| {cell} | " + " | ".join(at.get(s, "–") for s in steps) + " |")
+    return [*lines, ""]
 
 
 def cmd_time(args) -> None:

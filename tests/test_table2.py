@@ -60,6 +60,32 @@ def test_a_row_names_every_machine_its_cell_ran_on(t2):
     assert t2.row("omniglot-5w1s-maml")["device"] is None  # no folder yet
 
 
+def test_status_shows_each_started_cells_validation_by_step(t2):
+    def write(cell, records):
+        (t2.RUNS / cell).mkdir(parents=True)
+        lines = [json.dumps(r) for r in records]
+        (t2.RUNS / cell / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+    val = lambda step, acc: {"kind": "val", "step": step, "mean": acc, "ci95": 0.02, "tasks": 200}
+    train = {"kind": "train", "step": 1, "step_time": 0.5}
+    write(CELL, [train, val(2, 0.9), train, val(4, 0.95)])
+    write("omniglot-20w1s-maml", [train, val(2, 0.8)])
+    write("omniglot-5w1s-maml", [train])  # started, nothing validated yet
+    t2.main(["status"])
+    table = json.loads((t2.RESULTS / "table2.json").read_text())
+    assert table["validation"] == {
+        CELL: [
+            {"step": 2, "mean": 0.9, "ci95": 0.02, "tasks": 200},
+            {"step": 4, "mean": 0.95, "ci95": 0.02, "tasks": 200},
+        ],
+        "omniglot-20w1s-maml": [{"step": 2, "mean": 0.8, "ci95": 0.02, "tasks": 200}],
+    }
+    md = (t2.RESULTS / "table2.md").read_text()
+    assert "| cell | 2 | 4 |" in md and "200 tasks" in md and "±2.0" in md
+    assert f"| {CELL} | 90.0 | 95.0 |" in md and "| omniglot-20w1s-maml | 80.0 | – |" in md
+    assert "| omniglot-5w1s-maml |" not in md
+
+
 @needs_real
 def test_pack_unpack_round_trip_and_an_exact_resume(t2, tmp_path):
     train_to(t2, CELL, 2)
