@@ -307,9 +307,11 @@ def row(cell: str) -> dict:
 
 def _records(folder: Path, kind: str) -> list[dict]:
     """The ``metrics.jsonl`` records of ``kind`` ("train", "val") in a cell's folder."""
-    path = folder / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [r for r in map(json.loads, lines) if r.get("kind") == kind]
+    from imaml.plot import read_metrics
+
+    if not (folder / "metrics.jsonl").exists():
+        return []
+    return read_metrics(folder)[kind == "val"]
 
 
 def validation(cell: str) -> list[dict]:
