@@ -91,6 +91,7 @@ _PRESET_REPTILE = dict(
     outer_lr_final=None,
     meta_batch=32,
     eval_inner_steps=None,
+    eval_inner_lr=None,
     eval_inner_batch=None,
 )
 _NICHOL = dict(
@@ -104,6 +105,7 @@ _NICHOL = dict(
     outer_lr=1.0,
     outer_lr_final=0.0,
     eval_inner_steps=50,
+    eval_inner_lr=None,  # as trained: these runs were scored so (the presets' now take 0.03)
     eval_inner_batch=5,
 )
 CONFIGS: dict[str, dict] = {

@@ -95,8 +95,27 @@ def cell_config(cell: str, *, device: str = "auto"):
     return from_preset(preset, **{**values, **OVERRIDES})
 
 
+# how a cell is evaluated, not what it trains: a change to these re-evaluates a finished
+# cell (``pending``) and leaves its training alone
+EVAL_FIELDS = ("eval_lam", "eval_inner_steps", "eval_inner_lr", "eval_inner_batch")
+
+
+def eval_settings(cell: str) -> dict:
+    want = cell_config(cell)
+    return {k: getattr(want, k) for k in EVAL_FIELDS}
+
+
+def current_eval(cell: str, folder: Path) -> dict | None:
+    """The cell's eval.json if it used the cell's present evaluation settings, else None."""
+    path = folder / "eval.json"
+    if not path.exists():
+        return None
+    ev = json.loads(path.read_text())
+    return ev if {k: ev["config"].get(k) for k in EVAL_FIELDS} == eval_settings(cell) else None
+
+
 def check_folder(cell: str, folder: Path) -> None:
-    """CellError, in one line, if ``folder``'s config is not its cell's."""
+    """CellError, in one line, if ``folder``'s config is not its cell's (its training)."""
     from imaml.config import RUNTIME_FIELDS, Config
 
     path = folder / "config.json"
@@ -108,7 +127,7 @@ def check_folder(cell: str, folder: Path) -> None:
     differ = [
         k
         for k in want.to_dict()
-        if k not in RUNTIME_FIELDS and getattr(saved, k) != getattr(want, k)
+        if k not in RUNTIME_FIELDS + EVAL_FIELDS and getattr(saved, k) != getattr(want, k)
     ]
     if differ:
         raise CellError(
@@ -133,7 +152,7 @@ def pending(names: list[str] | None) -> list[str]:
         folder = RUNS / c
         if folder.exists():
             check_folder(c, folder)
-        if steps_done(folder) < STEPS_TARGET or not (folder / "eval.json").exists():
+        if steps_done(folder) < STEPS_TARGET or current_eval(c, folder) is None:
             out.append(c)
     return out
 
@@ -160,8 +179,10 @@ def train_cell(cell: str, deadline: float, device: str, stop_after: float | None
             time_budget_s=budget,
             final_test=False,
         )
-    if steps_done(folder) >= STEPS_TARGET and not (folder / "eval.json").exists():
-        evaluate_run(folder, tasks=TEST_TASKS, checkpoint="last", device=device)
+    if steps_done(folder) >= STEPS_TARGET and current_eval(cell, folder) is None:
+        evaluate_run(
+            folder, tasks=TEST_TASKS, checkpoint="last", device=device, **eval_settings(cell)
+        )
 
 
 def cmd_run(args) -> None:
@@ -284,7 +305,7 @@ def _manifest(archive: Path, folder: Path) -> dict:
 def row(cell: str) -> dict:
     setting, algo = split_cell(cell)
     folder = RUNS / cell
-    ev = json.loads((folder / "eval.json").read_text()) if (folder / "eval.json").exists() else None
+    ev = current_eval(cell, folder)  # None also when the preset now evaluates otherwise
     times, device = [r["step_time"] for r in _records(folder, "train")], None
     if (folder / "machine.json").exists():  # every machine the cell ran on, in order
         runs = json.loads((folder / "machine.json").read_text())["runs"]
@@ -351,9 +372,12 @@ def _step_times() -> dict:
 
 
 def markdown(rows: list[dict], payload: dict) -> str:
-    fmt = lambda r: (
-        "–" if r["test_acc"] is None else f"{100 * r['test_acc']:.2f} ± {100 * r['ci95']:.2f}"
-    )
+    def fmt(r):
+        if r["test_acc"] is not None:
+            return f"{100 * r['test_acc']:.2f} ± {100 * r['ci95']:.2f}"
+        # trained, but not evaluated (or evaluated before its preset's evaluation changed)
+        return "– (to evaluate: `run`)" if r["steps_done"] >= STEPS_TARGET else "–"
+
     lines = [
         "# The paper's Table 2, our runs beside it",
         "",
@@ -392,7 +416,9 @@ def validation_table(curves: dict[str, list[dict]]) -> list[str]:
     lines = [
         "Validation during training, with each cell's own evaluation (% on "
         f"{' or '.join(map(str, tasks))} tasks of the validation characters, 95% CI at most "
-        f"±{100 * ci:.1f}; `metrics.jsonl`):",
+        f"±{100 * ci:.1f}; `metrics.jsonl`). It used the evaluation settings the cell was "
+        "trained with (`config.json`); the test figure above uses the preset's present ones "
+        "(`eval.json`):",
         "",
         "| cell | " + " | ".join(f"{s:,}" for s in steps) + " |",
         "|---|" + "---|" * len(steps),

@@ -115,6 +115,10 @@ def test_evaluate_run_reports_mean_and_ci(tmp_path):
     assert r["machine"]["cpu_model"] and r["machine"]["threads"] >= 1
     r0 = evaluate_run(tmp_path / "r", tasks=12, eval_inner_steps=0)
     assert r0["eval_inner"]["inner_steps"] == 0 and r0["mean"] != r["mean"]
+    assert json.loads((tmp_path / "r" / "eval.json").read_text())["mean"] == r0["mean"]
+    r1 = evaluate_run(tmp_path / "r", tasks=12, write=False)  # keeps the run's eval.json
+    assert r1["mean"] == r["mean"]
+    assert json.loads((tmp_path / "r" / "eval.json").read_text())["mean"] == r0["mean"]
 
 
 # -- checkpoints -------------------------------------------------------------------
@@ -199,6 +203,7 @@ def test_reptile_takes_nichols_protocol_on_the_omniglot_presets():
         20000,
     )
     assert (five.meta_batch, five.eval_inner_steps, five.eval_inner_batch) == (25, 50, 5)
+    assert five.eval_inner_lr == 0.03 and five.inner_lr == 0.1
     assert (twenty.inner_steps, twenty.inner_batch, twenty.meta_batch) == (10, 20, 50)
     assert twenty.eval_inner_batch == 10 and twenty.k_shot == 5
     assert from_preset("omniglot-5w1s", algo="reptile", inner_steps=16).inner_steps == 16

@@ -115,9 +115,11 @@ def evaluate_run(
     progress: bool = False,
     seed: int | None = None,
     shard: distributed.Dist | None = None,
+    write: bool = True,
     **eval_overrides,
 ) -> dict:
-    """Evaluate a run folder's best (or last) parameters on ``tasks`` tasks; writes eval.json."""
+    """Evaluate a run folder's best (or last) parameters on ``tasks`` tasks; writes
+    eval.json unless ``write`` is false (a study of evaluation settings keeps the run's own)."""
     run = Path(run_dir)
     path = run / f"{checkpoint}.pt"
     if checkpoint == "best" and not path.exists():
@@ -169,6 +171,6 @@ def evaluate_run(
     }
     if not math.isfinite(result["mean"]):
         raise ValueError(f"evaluation of {path} gave a non-finite {res['metric']}")
-    if shard is None or shard.main:
+    if write and (shard is None or shard.main):
         write_json(run / "eval.json", result)
     return result
