@@ -31,7 +31,7 @@ def _numbers(text: str, kind):
     return values
 
 
-def grid(run: Path, *, steps, lrs, split, tasks, seed, checkpoint) -> list[dict]:
+def grid(run: Path, *, steps, lrs, split, tasks, seed, checkpoint, lam=None) -> list[dict]:
     """One record per (inner steps, step size): the mean score and its 95% CI."""
     rows = []
     for k in steps:
@@ -45,6 +45,7 @@ def grid(run: Path, *, steps, lrs, split, tasks, seed, checkpoint) -> list[dict]
                 seed=seed,
                 eval_inner_steps=k,
                 eval_inner_lr=lr,
+                eval_lam=lam,
                 write=False,
             )
             rows.append(
@@ -97,6 +98,7 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", choices=("best", "last"), default="last")
+    p.add_argument("--eval-lam", type=float, help="λ when evaluating (default: the run's own)")
     args = p.parse_args(argv)
     for run in args.runs:
         if not (run / "config.json").exists():
@@ -112,9 +114,16 @@ def main(argv=None) -> int:
             tasks=args.tasks,
             seed=args.seed,
             checkpoint=args.checkpoint,
+            lam=args.eval_lam,
         )
     command = "python benchmarks/eval_settings.py " + " ".join(argv or sys.argv[1:])
-    info = {"split": args.split, "tasks": args.tasks, "seed": args.seed, "command": command}
+    info = {
+        "split": args.split,
+        "tasks": args.tasks,
+        "seed": args.seed,
+        "eval_lam": args.eval_lam,
+        "command": command,
+    }
     write(f"eval_settings_{args.name}", {**info, "records": rows}, OUT)
     (OUT / f"eval_settings_{args.name}.md").write_text(table(rows, info))
     return 0

@@ -27,7 +27,8 @@ def test_each_setting_scores_the_same_tasks_and_the_runs_eval_stays(es, tmp_path
     cfg = from_preset("sinusoid", meta_steps=2, meta_batch=2, val_tasks=0, threads=1)
     run = tmp_path / "r"
     meta_train(cfg, run, progress=False, final_test=False)
-    assert es.main(["t", str(run), "--steps", "1,3", "--lr", "0.01,0.02", "--tasks", "6"]) == 0
+    argv = ["t", str(run), "--steps", "1,3", "--lr", "0.01,0.02", "--tasks", "6", "--eval-lam", "0"]
+    assert es.main(argv) == 0
     assert not (run / "eval.json").exists()
     out = json.loads((tmp_path / "out" / "eval_settings_t.json").read_text())
     assert [(r["inner_steps"], r["inner_lr"]) for r in out["records"]] == [
@@ -44,10 +45,12 @@ def test_each_setting_scores_the_same_tasks_and_the_runs_eval_stays(es, tmp_path
         seed=0,
         eval_inner_steps=3,
         eval_inner_lr=0.02,
+        eval_lam=0.0,
         write=False,
     )
     assert out["records"][3]["mean"] == ref["mean"]
     assert out["records"][3]["eval_inner"]["inner_steps"] == 3
+    assert out["records"][3]["eval_inner"]["lam"] == 0.0 and cfg.lam_value > 0
     md = (tmp_path / "out" / "eval_settings_t.md").read_text()
     assert "| r | 3 |" in md and "eval_settings.py t" in md
 
