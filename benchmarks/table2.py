@@ -100,9 +100,11 @@ def cell_config(cell: str, *, device: str = "auto"):
 EVAL_FIELDS = ("eval_lam", "eval_inner_steps", "eval_inner_lr", "eval_inner_batch")
 
 
-def eval_settings(cell: str) -> dict:
-    want = cell_config(cell)
-    return {k: getattr(want, k) for k in EVAL_FIELDS}
+def eval_settings(cell: str, folder: Path) -> dict:
+    """How the cell in ``folder`` is evaluated: as its preset says now, where the preset
+    sets a value, else as its own config.json does (what ``evaluate_run`` then does)."""
+    want, saved = cell_config(cell), json.loads((folder / "config.json").read_text())
+    return {k: saved.get(k) if getattr(want, k) is None else getattr(want, k) for k in EVAL_FIELDS}
 
 
 def current_eval(cell: str, folder: Path) -> dict | None:
@@ -111,7 +113,8 @@ def current_eval(cell: str, folder: Path) -> dict | None:
     if not path.exists():
         return None
     ev = json.loads(path.read_text())
-    return ev if {k: ev["config"].get(k) for k in EVAL_FIELDS} == eval_settings(cell) else None
+    used = {k: ev.get("config", {}).get(k) for k in EVAL_FIELDS}
+    return ev if used == eval_settings(cell, folder) else None
 
 
 def check_folder(cell: str, folder: Path) -> None:
@@ -181,7 +184,11 @@ def train_cell(cell: str, deadline: float, device: str, stop_after: float | None
         )
     if steps_done(folder) >= STEPS_TARGET and current_eval(cell, folder) is None:
         evaluate_run(
-            folder, tasks=TEST_TASKS, checkpoint="last", device=device, **eval_settings(cell)
+            folder,
+            tasks=TEST_TASKS,
+            checkpoint="last",
+            device=device,
+            **eval_settings(cell, folder),
         )
 
 

@@ -139,7 +139,8 @@ def test_a_change_of_evaluation_re_evaluates_a_finished_cell_without_training(t2
     t2.train_cell(CELL, deadline=1e12, device="cpu")
     before = (t2.RUNS / CELL / "last.pt").read_bytes()
     assert t2.row(CELL)["test_acc"] is not None and CELL not in t2.pending(None)
-    monkeypatch.setattr(t2, "OVERRIDES", {**t2.OVERRIDES, "eval_inner_lr": 0.03})
+    base = t2.OVERRIDES
+    monkeypatch.setattr(t2, "OVERRIDES", {**base, "eval_inner_lr": 0.03})
     assert t2.row(CELL)["test_acc"] is None and CELL in t2.pending(None)  # stale, not shown
     t2.main(["status"])
     assert "| fomaml | – (to evaluate: `run`) | 4 / 4 |" in (t2.RESULTS / "table2.md").read_text()
@@ -148,6 +149,11 @@ def test_a_change_of_evaluation_re_evaluates_a_finished_cell_without_training(t2
     assert ev["eval_inner"]["inner_lr"] == 0.03 and ev["config"]["eval_inner_lr"] == 0.03
     assert (t2.RUNS / CELL / "last.pt").read_bytes() == before  # evaluated, not trained
     assert t2.row(CELL)["test_acc"] == ev["mean"] and CELL not in t2.pending(None)
+    monkeypatch.setattr(t2, "OVERRIDES", base)  # unset again: as the cell's own config.json
+    assert CELL in t2.pending(None)
+    t2.train_cell(CELL, deadline=1e12, device="cpu")
+    ev = json.loads((t2.RUNS / CELL / "eval.json").read_text())
+    assert ev["eval_inner"]["inner_lr"] == 0.1 and CELL not in t2.pending(None)
 
 
 @needs_real
