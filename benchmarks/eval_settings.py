@@ -74,9 +74,11 @@ def table(rows: list[dict], info: dict) -> str:
     """Markdown: one row per run and number of steps, one column per step size."""
     lrs = sorted({r["inner_lr"] for r in rows}, reverse=True)
     metric = "accuracy (%)" if rows[0]["metric"] == "accuracy" else rows[0]["metric"]
+    lam = "each run's own λ" if info.get("eval_lam") is None else f"λ = {info['eval_lam']:g}"
     out = [
-        f"Query {metric} (95% CI) by evaluation inner loop, on the same {info['tasks']} tasks "
-        f"of the {info['split']} split (seed {info['seed']}) in every cell: `{info['command']}`",
+        f"Query {metric} (95% CI) by evaluation inner loop ({lam}), on the same "
+        f"{info['tasks']} tasks of the {info['split']} split (seed {info['seed']}) in every "
+        f"cell: `{info['command']}`",
         "",
         "| run | steps | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
         "|---|---|" + "---|" * len(lrs),
@@ -104,6 +106,10 @@ def main(argv=None) -> int:
         if not (run / "config.json").exists():
             raise SystemExit(f"error: {run} is not a run folder (no config.json)")
     steps, lrs = _numbers(args.steps, int), _numbers(args.lr, float)
+    if args.tasks < 1:
+        raise SystemExit(f"error: --tasks must be >= 1, got {args.tasks}")
+    if args.eval_lam is not None and args.eval_lam < 0:
+        raise SystemExit(f"error: --eval-lam must be >= 0, got {args.eval_lam}")
     rows = []
     for run in args.runs:
         rows += grid(

@@ -52,15 +52,17 @@ def test_each_setting_scores_the_same_tasks_and_the_runs_eval_stays(es, tmp_path
     assert out["records"][3]["eval_inner"]["inner_steps"] == 3
     assert out["records"][3]["eval_inner"]["lam"] == 0.0 and cfg.lam_value > 0
     md = (tmp_path / "out" / "eval_settings_t.md").read_text()
-    assert "| r | 3 |" in md and "eval_settings.py t" in md
+    assert "| r | 3 |" in md and "eval_settings.py t" in md and "(λ = 0)" in md
 
 
-@pytest.mark.parametrize("bad", [["--steps", "0"], ["--lr", "x"], ["--lr", ""]])
+@pytest.mark.parametrize(
+    "bad", [["--steps", "0"], ["--lr", "x"], ["--lr", ""], ["--tasks", "0"], ["--eval-lam", "-1"]]
+)
 def test_bad_grids_and_folders_are_refused(es, tmp_path, bad):
     run = tmp_path / "r"
     run.mkdir()
     (run / "config.json").write_text("{}")
-    with pytest.raises(SystemExit, match="error: expected"):
+    with pytest.raises(SystemExit, match="error: (expected|--tasks|--eval-lam)"):
         es.main(["t", str(run), *bad])
     with pytest.raises(SystemExit, match="not a run folder"):
         es.main(["t", str(tmp_path / "missing")])
