@@ -1,7 +1,8 @@
 """How much of a finished run's score is its evaluation inner loop? Each run folder's
 parameters are evaluated under a grid of inner steps × step sizes, on the same tasks
 (one seed) of the validation split by default, so that no choice is made on test tasks.
-The run's own eval.json is left as it is.
+The run's own eval.json is left as it is. Every setting scores one copy of the checkpoint,
+so a run that is still training (and rewrites last.pt) is scored at one step.
 
     python benchmarks/eval_settings.py NAME RUN_DIR [RUN_DIR ...] --steps 16,50 --lr 0.1,0.03
         # writes docs/results/eval_settings_NAME.{json,md}
@@ -10,7 +11,9 @@ The run's own eval.json is left as it is.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +34,24 @@ def _numbers(text: str, kind):
     return values
 
 
-def grid(run: Path, *, steps, lrs, split, tasks, seed, checkpoint, lam=None) -> list[dict]:
+def _checkpoint(run: Path, checkpoint: str) -> str:
+    """The file ``evaluate_run`` reads: best.pt falls back to last.pt."""
+    name = f"{checkpoint}.pt"
+    if checkpoint == "best" and not (run / name).exists():
+        name = "last.pt"
+    if not (run / name).exists():
+        raise SystemExit(f"error: {run} has no {name} to evaluate")
+    return name
+
+
+def _snapshot(run: Path, checkpoint: str, into: Path) -> Path:
+    """A folder holding a copy of that checkpoint, which a run still training rewrites."""
+    name = _checkpoint(run, checkpoint)
+    shutil.copy2(run / name, into / name)
+    return into
+
+
+def grid(run: Path, *, name, steps, lrs, split, tasks, seed, checkpoint, lam=None) -> list[dict]:
     """One record per (inner steps, step size): the mean score and its 95% CI."""
     rows = []
     for k in steps:
@@ -50,7 +70,7 @@ def grid(run: Path, *, steps, lrs, split, tasks, seed, checkpoint, lam=None) -> 
             )
             rows.append(
                 {
-                    "run": run.name,
+                    "run": name,
                     "metric": r["metric"],
                     "inner_steps": k,
                     "inner_lr": lr,
@@ -61,7 +81,7 @@ def grid(run: Path, *, steps, lrs, split, tasks, seed, checkpoint, lam=None) -> 
                     "seconds": time.perf_counter() - t0,
                 }
             )
-            print(f"{run.name} steps {k} lr {lr}: {_score(rows[-1])}")
+            print(f"{name} steps {k} lr {lr}: {_score(rows[-1])}")
     return rows
 
 
@@ -102,26 +122,29 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", choices=("best", "last"), default="last")
     p.add_argument("--eval-lam", type=float, help="λ when evaluating (default: the run's own)")
     args = p.parse_args(argv)
-    for run in args.runs:
-        if not (run / "config.json").exists():
-            raise SystemExit(f"error: {run} is not a run folder (no config.json)")
     steps, lrs = _numbers(args.steps, int), _numbers(args.lr, float)
     if args.tasks < 1:
         raise SystemExit(f"error: --tasks must be >= 1, got {args.tasks}")
     if args.eval_lam is not None and args.eval_lam < 0:
         raise SystemExit(f"error: --eval-lam must be >= 0, got {args.eval_lam}")
+    for run in args.runs:
+        if not (run / "config.json").exists():
+            raise SystemExit(f"error: {run} is not a run folder (no config.json)")
+        _checkpoint(run, args.checkpoint)
     rows = []
     for run in args.runs:
-        rows += grid(
-            run,
-            steps=steps,
-            lrs=lrs,
-            split=args.split,
-            tasks=args.tasks,
-            seed=args.seed,
-            checkpoint=args.checkpoint,
-            lam=args.eval_lam,
-        )
+        with tempfile.TemporaryDirectory() as tmp:  # one θ per run, even one still training
+            rows += grid(
+                _snapshot(run, args.checkpoint, Path(tmp)),
+                name=run.name,
+                steps=steps,
+                lrs=lrs,
+                split=args.split,
+                tasks=args.tasks,
+                seed=args.seed,
+                checkpoint=args.checkpoint,
+                lam=args.eval_lam,
+            )
     command = "python benchmarks/eval_settings.py " + " ".join(argv or sys.argv[1:])
     info = {
         "split": args.split,

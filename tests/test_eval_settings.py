@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,41 @@ def test_bad_grids_and_folders_are_refused(es, tmp_path, bad):
         es.main(["t", str(run), *bad])
     with pytest.raises(SystemExit, match="not a run folder"):
         es.main(["t", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match="has no last.pt to evaluate"):
+        es.main(["t", str(run)])
+
+
+def test_a_run_still_training_is_scored_at_one_step(es, tmp_path, monkeypatch):
+    """A run that rewrites last.pt during the grid must not mix two θ in one table."""
+    runs = {}
+    for steps in (2, 3):
+        cfg = from_preset("sinusoid", meta_steps=steps, meta_batch=2, val_tasks=0, threads=1)
+        runs[steps] = tmp_path / f"r{steps}"
+        meta_train(cfg, runs[steps], progress=False, final_test=False)
+    live = runs[2]
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    shutil.copy2(live / "last.pt", kept / "last.pt")
+    real = es.evaluate_run
+
+    def evaluate_then_train(*args, **kwargs):
+        out = real(*args, **kwargs)
+        shutil.copy2(runs[3] / "last.pt", live / "last.pt")  # the run moved on meanwhile
+        return out
+
+    monkeypatch.setattr(es, "evaluate_run", evaluate_then_train)
+    assert es.main(["t", str(live), "--steps", "1,2", "--lr", "0.01", "--tasks", "4"]) == 0
+    records = json.loads((tmp_path / "out" / "eval_settings_t.json").read_text())["records"]
+    assert [r["checkpoint_step"] for r in records] == [2, 2]
+    assert records[0]["run"] == "r2"
+    ref = real(
+        kept,
+        tasks=4,
+        split="val",
+        checkpoint="last",
+        seed=0,
+        eval_inner_steps=2,
+        eval_inner_lr=0.01,
+        write=False,
+    )
+    assert records[1]["mean"] == ref["mean"]
