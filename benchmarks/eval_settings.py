@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py
 
+from imaml.evaluate import checkpoint_path  # noqa: E402
 from imaml.train import evaluate_run  # noqa: E402
 
 from common import OUT, write  # noqa: E402
@@ -35,10 +36,8 @@ def _numbers(text: str, kind):
 
 
 def _checkpoint(run: Path, checkpoint: str) -> str:
-    """The file ``evaluate_run`` reads: best.pt falls back to last.pt."""
-    name = f"{checkpoint}.pt"
-    if checkpoint == "best" and not (run / name).exists():
-        name = "last.pt"
+    """The file ``evaluate_run`` reads."""
+    name = checkpoint_path(run, checkpoint).name
     if not (run / name).exists():
         raise SystemExit(f"error: {run} has no {name} to evaluate")
     return name

@@ -106,6 +106,13 @@ def _inner_record(alg, params, overrides: dict) -> dict:
     return settings
 
 
+def checkpoint_path(run_dir: str | os.PathLike, checkpoint: str) -> Path:
+    """The file a run folder's ``checkpoint`` ("best" or "last") names: best.pt falls back
+    to last.pt."""
+    path = Path(run_dir) / f"{checkpoint}.pt"
+    return Path(run_dir) / "last.pt" if checkpoint == "best" and not path.exists() else path
+
+
 def evaluate_run(
     run_dir: str | os.PathLike,
     *,
@@ -120,10 +127,8 @@ def evaluate_run(
 ) -> dict:
     """Evaluate a run folder's best (or last) parameters on ``tasks`` tasks; writes
     eval.json unless ``write`` is false (a study of evaluation settings keeps the run's own)."""
+    path = checkpoint_path(run_dir, checkpoint)
     run = Path(run_dir)
-    path = run / f"{checkpoint}.pt"
-    if checkpoint == "best" and not path.exists():
-        path = run / "last.pt"
     ckpt = load_checkpoint(path)
     cfg = Config.from_dict(ckpt["config"])
     changes = {k: v for k, v in eval_overrides.items() if v is not None}
