@@ -205,7 +205,7 @@ def test_reptile_takes_nichols_protocol_on_the_omniglot_presets():
     assert (five.meta_batch, five.eval_inner_steps, five.eval_inner_batch) == (25, 50, 5)
     assert five.eval_inner_lr == 0.03 and five.inner_lr == 0.1
     assert (twenty.inner_steps, twenty.inner_batch, twenty.meta_batch) == (10, 20, 50)
-    assert twenty.eval_inner_batch == 10 and twenty.k_shot == 5
+    assert twenty.eval_inner_batch == 10 and twenty.k_shot == 5 and twenty.eval_inner_lr == 0.01
     assert from_preset("omniglot-5w1s", algo="reptile", inner_steps=16).inner_steps == 16
     for algo in ("imaml", "maml", "fomaml"):
         cfg = from_preset("omniglot-5w1s", algo=algo)

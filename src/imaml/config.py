@@ -400,9 +400,10 @@ IMAML_SETTINGS: dict[str, dict] = {
 # 20,000 of 25 (50)), with plain inner steps of the presets' size 0.1 in place of their
 # Adam, whose state carries over from task to task there: a fresh Adam per task grew θ's
 # norm and stopped near 70% (docs/reproduction.md, "The paper's table"). Evaluation takes
-# their 50 steps at 0.03, the size chosen on validation tasks of the finished 5w1s cell:
-# 97.6% there, against 96.3% at the training's 0.1 (docs/results/eval_settings_*).
-def _nichol(n_way: int) -> dict:
+# their 50 steps, of the size best on validation tasks of the finished cell of that many
+# shots (docs/results/eval_settings_*): 1-shot 0.03 (97.6% on 5w1s, 96.3% at the training's
+# 0.1), 5-shot 0.01 (99.21% on 5w5s, 99.06% at 0.03, 97.29% at 0.1).
+def _nichol(n_way: int, k_shot: int) -> dict:
     five = n_way == 5
     return dict(
         train_shots=10,
@@ -415,12 +416,12 @@ def _nichol(n_way: int) -> dict:
         outer_lr_final=0.0,
         meta_batch=25 if five else 50,
         eval_inner_steps=50,
-        eval_inner_lr=0.03,
+        eval_inner_lr=0.03 if k_shot == 1 else 0.01,
         eval_inner_batch=5 if five else 10,
     )
 
 
-REPTILE_SETTINGS = {name: _nichol(v["n_way"]) for name, v in _OMNIGLOT_GD.items()}
+REPTILE_SETTINGS = {name: _nichol(v["n_way"], v["k_shot"]) for name, v in _OMNIGLOT_GD.items()}
 ALGO_SETTINGS = {"imaml": IMAML_SETTINGS, "reptile": REPTILE_SETTINGS}
 PRESET_NOTES = {
     **{
