@@ -247,8 +247,10 @@ def train_to(name: str, seed: int, step: int) -> dict:
 
 def step_seconds(folder: Path, lo: int, hi: int) -> float:
     """Median seconds per meta-step over steps (lo, hi] of the run's log."""
+    from imaml.run_folder import metric_lines
+
     times = []
-    for line in (folder / "metrics.jsonl").read_text().splitlines():
+    for line in metric_lines(folder):
         r = json.loads(line)
         if r.get("kind") == "train" and lo < r["step"] <= hi:
             times.append(r["step_time"])

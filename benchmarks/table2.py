@@ -4,10 +4,12 @@ Each cell (setting × algorithm) is one run folder in ``results/table2/SETTING-A
 committed so that a run outlives the machine it ran on. An allocation picks the
 unfinished cells, trains them until a deadline (several at once with ``--parallel``),
 evaluates those that reach 20,000 steps on 600 test tasks of characters no training
-task used, and packs what must come back (each cell's last.pt, metrics.jsonl,
+task used, and packs what must come back (each cell's last.pt, metrics log,
 config.json, machine.json, eval.json) into archives of at most 15 MiB in ``--out``.
 ``unpack`` checks such archives (hashes, each folder's config against its cell) and
-swaps the cells in; ``status`` writes ``docs/results/table2.{json,md}``.
+swaps the cells in; ``status`` writes ``docs/results/table2.{json,md}``. ``run`` and
+``status`` fold each idle cell's ``metrics.jsonl`` into its ``metrics.jsonl.gz``, so that
+a committed log stays a few MiB however many steps it holds.
 
     python benchmarks/table2.py run --minutes 12 --out $OUT --parallel 4   # on the GPU
     python benchmarks/table2.py unpack $FILES/table2-*.tar.gz              # back here
@@ -38,7 +40,14 @@ SETTINGS = ("omniglot-5w1s", "omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s"
 ALGOS = ("imaml-gd", "imaml-hf", "maml", "fomaml", "reptile")
 STEPS_TARGET = 20000
 TEST_TASKS = 600
-PACKED = ("config.json", "metrics.jsonl", "machine.json", "last.pt", "eval.json")
+PACKED = (
+    "config.json",
+    "metrics.jsonl.gz",
+    "metrics.jsonl",
+    "machine.json",
+    "last.pt",
+    "eval.json",
+)
 ARCHIVE_LIMIT = 15 * 2**20
 # the paper's Table 2 (docs/paper.md)
 PAPER = {
@@ -222,6 +231,7 @@ def cmd_run(args) -> None:
             print(
                 f"{job[0]}: exit {job[1].returncode}, step {steps_done(RUNS / job[0])}", flush=True
             )
+    compress_logs(touched)
     for path in pack(touched, Path(args.out)):
         print(f"packed {path} ({path.stat().st_size / 2**20:.1f} MiB)")
 
@@ -334,12 +344,23 @@ def row(cell: str) -> dict:
 
 
 def _records(folder: Path, kind: str) -> list[dict]:
-    """The ``metrics.jsonl`` records of ``kind`` ("train", "val") in a cell's folder."""
+    """The metrics log's records of ``kind`` ("train", "val") in a cell's folder."""
     from imaml.plot import read_metrics
 
-    if not (folder / "metrics.jsonl").exists():
+    try:
+        return read_metrics(folder)[kind == "val"]
+    except FileNotFoundError:
         return []
-    return read_metrics(folder)[kind == "val"]
+
+
+def compress_logs(names: list[str]) -> None:
+    """Fold each cell's ``metrics.jsonl`` into its ``metrics.jsonl.gz`` (not while a run
+    holds the folder), the form committed and packed."""
+    from imaml.run_folder import compress_metrics
+
+    for cell in names:
+        if (RUNS / cell).is_dir():
+            compress_metrics(RUNS / cell)
 
 
 def validation(cell: str) -> list[dict]:
@@ -349,6 +370,7 @@ def validation(cell: str) -> list[dict]:
 
 
 def cmd_status(args) -> None:
+    compress_logs(cells())
     rows = [row(c) for c in cells()]
     curves = {c: v for c in cells() if (v := validation(c))}
     times = _step_times()

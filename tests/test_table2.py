@@ -84,14 +84,20 @@ def test_status_shows_each_started_cells_validation_by_step(t2):
     assert "| cell | 2 | 4 |" in md and "200 tasks" in md and "±2.0" in md
     assert f"| {CELL} | 90.0 | 95.0 |" in md and "| omniglot-20w1s-maml | 80.0 | – |" in md
     assert "| omniglot-5w1s-maml |" not in md
+    # status folded each log into its .gz, which the next status reads the same
+    assert all(not (t2.RUNS / c / "metrics.jsonl").exists() for c in table["validation"])
+    assert (t2.RUNS / CELL / "metrics.jsonl.gz").exists()
+    t2.main(["status"])
+    assert json.loads((t2.RESULTS / "table2.json").read_text()) == table
 
 
 @needs_real
 def test_pack_unpack_round_trip_and_an_exact_resume(t2, tmp_path):
     train_to(t2, CELL, 2)
+    t2.compress_logs([CELL])  # as `run` does before packing
     (archive,) = t2.pack([CELL], tmp_path / "out")
     before = {
-        f: (t2.RUNS / CELL / f).read_bytes() for f in ("last.pt", "metrics.jsonl", "config.json")
+        f: (t2.RUNS / CELL / f).read_bytes() for f in ("last.pt", "metrics.jsonl.gz", "config.json")
     }
     import shutil
 
@@ -106,6 +112,11 @@ def test_pack_unpack_round_trip_and_an_exact_resume(t2, tmp_path):
     train_to(t2, CELL, 4)
     straight = params(straight_runs / CELL)
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+    from imaml.plot import read_metrics
+
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "step_time"} for r in rs]
+    logs = [read_metrics(runs / CELL)[0] for runs in (tmp_path / "runs", straight_runs)]
+    assert [r["step"] for r in logs[0]] == [1, 2, 3, 4] and strip(logs[0]) == strip(logs[1])
 
 
 @needs_real

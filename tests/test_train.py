@@ -81,6 +81,45 @@ def test_resume_gives_exactly_the_uninterrupted_parameters(tmp_path, algo):
     assert all(r["cpu_model"] and r["cpu_capability"] and r["processes"] == 1 for r in runs)
 
 
+def test_a_log_folded_into_gzip_resumes_trims_and_reads_as_the_plain_one(tmp_path):
+    from imaml.plot import read_metrics
+    from imaml.run_folder import compress_metrics
+
+    cfg = sinusoid(meta_steps=7)
+    meta_train(cfg, tmp_path / "a", progress=False, final_test=False)
+    b = tmp_path / "b"
+    meta_train(cfg, b, progress=False, max_steps_this_run=3, final_test=False)
+    with open(b / "metrics.jsonl", "a") as f:  # logged after the checkpoint, then a crash
+        f.write(json.dumps({"kind": "train", "step": 4, "step_time": 1.0}) + '\n{"kind": "tr')
+    assert compress_metrics(b) and not (b / "metrics.jsonl").exists()
+    meta_train(cfg, b, resume=True, progress=False, max_steps_this_run=2, final_test=False)
+    first = (b / "metrics.jsonl.gz").read_bytes()
+    assert compress_metrics(b) and not compress_metrics(b)  # nothing left to fold
+    assert (b / "metrics.jsonl.gz").read_bytes().startswith(first)  # appended, not rewritten
+    meta_train(None, b, resume=True, progress=False, final_test=False)  # gz + plain
+    pa, pb = params_of(tmp_path / "a" / "last.pt"), params_of(b / "last.pt")
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "step_time"} for r in rs]
+    (ta, va), (tb, vb) = read_metrics(tmp_path / "a"), read_metrics(b)
+    assert [r["step"] for r in tb] == list(range(1, 8)) and strip(tb) == strip(ta) and vb == va
+
+
+def test_a_log_is_not_folded_under_a_live_run_and_a_broken_gzip_fails_loudly(tmp_path):
+    from imaml.plot import read_metrics
+    from imaml.run_folder import compress_metrics, trim_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n')
+    (tmp_path / ".lock").write_text(str(os.getppid()))  # a live process holds the folder
+    assert not compress_metrics(tmp_path) and (tmp_path / "metrics.jsonl").exists()
+    (tmp_path / ".lock").unlink()
+    assert compress_metrics(tmp_path)
+    gz = tmp_path / "metrics.jsonl.gz"
+    gz.write_bytes(gz.read_bytes()[:-6])  # truncated
+    for read in (read_metrics, lambda d: trim_metrics(d, 1)):
+        with pytest.raises(ValueError, match="metrics.jsonl.gz is not a complete gzip file"):
+            read(tmp_path)
+
+
 def test_resume_can_extend_the_schedule(tmp_path):
     meta_train(sinusoid(meta_steps=3), tmp_path / "r", progress=False, final_test=False)
     s = meta_train(

@@ -1,17 +1,19 @@
-"""Learning curves from a run folder's metrics.jsonl."""
+"""Learning curves from a run folder's metrics log (metrics.jsonl, and .gz)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from .run_folder import METRICS, METRICS_GZ, metric_lines
+
 
 def read_metrics(run_dir) -> tuple[list[dict], list[dict]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
+    """The run's logged training steps and validations, in order."""
+    if not any((Path(run_dir) / name).exists() for name in (METRICS, METRICS_GZ)):
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
     train, val = [], []
-    for line in path.read_text().splitlines():
+    for line in metric_lines(run_dir):
         try:
             r = json.loads(line)
         except ValueError:

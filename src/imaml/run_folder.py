@@ -1,8 +1,14 @@
 """A training run's folder: checks before training, the lock, signals, and the files
-written beside the checkpoints (metrics.jsonl trimmed on resume, machine.json)."""
+written beside the checkpoints (the metrics log trimmed on resume, machine.json).
+
+The metrics log is ``metrics.jsonl``, one JSON object a line, which a run appends to. A
+long run's log can be folded into ``metrics.jsonl.gz`` between runs (``compress_metrics``,
+what the committed Table 2 folders do); the log is then the lines of the ``.gz`` followed
+by those of ``metrics.jsonl``, and every reader goes through ``metric_lines``."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -54,11 +60,7 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and pid != os.getpid() and _alive(pid):
+                if pid := _owner(self.path):
                     raise ValueError(
                         f"{self.path.parent} is in use by another imaml run (pid {pid}); wait for "
                         "it to finish or choose another --out"
@@ -72,6 +74,15 @@ class RunLock:
 
     def release(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def _owner(lock: Path) -> int:
+    """The PID of the live process, other than this one, that holds ``lock``; 0 if none."""
+    try:
+        pid = int(lock.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+    return pid if pid and pid != os.getpid() and _alive(pid) else 0
 
 
 def _alive(pid: int) -> bool:
@@ -107,18 +118,67 @@ class StopFlag:
             signal.signal(s, h)
 
 
-def trim_metrics(path: Path, step: int) -> None:
-    """Drop log lines written after ``step`` (by a run that died after its last checkpoint)."""
+METRICS, METRICS_GZ = "metrics.jsonl", "metrics.jsonl.gz"
+
+
+def metric_lines(folder: Path) -> list[str]:
+    """The folder's log lines in the order written: ``metrics.jsonl.gz``, then ``metrics.jsonl``."""
+    return _lines(Path(folder) / METRICS_GZ) + _lines(Path(folder) / METRICS)
+
+
+def _lines(path: Path) -> list[str]:
     if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
+        return []
+    if path.suffix != ".gz":
+        return path.read_text().splitlines()
+    try:
+        with gzip.open(path, "rt") as f:
+            return f.read().splitlines()
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{path} is not a complete gzip file ({e}); restore it from git") from None
+
+
+def trim_metrics(folder: Path, step: int) -> None:
+    """Drop log lines written after ``step`` (by a run that died after its last checkpoint),
+    and lines cut by a crash."""
+
+    def keep(line: str) -> bool:
         try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (ValueError, KeyError):
-            continue  # a line cut by a crash
-    path.write_text("".join(line + "\n" for line in keep))
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            return False
+
+    for path in (Path(folder) / METRICS_GZ, Path(folder) / METRICS):
+        lines = _lines(path)
+        kept = [x for x in lines if keep(x)]
+        text = "".join(x + "\n" for x in kept).encode()
+        if path.suffix != ".gz" and path.exists():  # also ends a line cut before its newline
+            _replace(path, text)
+        elif kept != lines:
+            _replace(path, gzip.compress(text, mtime=0))
+
+
+def compress_metrics(folder: Path) -> bool:
+    """Fold ``metrics.jsonl`` into ``metrics.jsonl.gz`` as one more gzip member, so that the
+    bytes already there (and their history in git) stay as they are. Not while a run holds
+    the folder's lock: it is still appending. Returns whether anything was folded."""
+    plain, packed = Path(folder) / METRICS, Path(folder) / METRICS_GZ
+    if not plain.exists() or _owner(Path(folder) / ".lock"):
+        return False
+    text = plain.read_bytes()
+    if text and not text.endswith(b"\n"):  # a line cut by a crash stays a line of its own
+        text += b"\n"
+    _replace(
+        packed, (packed.read_bytes() if packed.exists() else b"") + gzip.compress(text, mtime=0)
+    )
+    plain.unlink()
+    return True
+
+
+def _replace(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def record_machine(out: Path, machine: dict) -> None:

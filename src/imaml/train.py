@@ -3,7 +3,8 @@
 Files in the run folder:
 - ``config.json``: the full configuration;
 - ``metrics.jsonl``: one JSON object per logged step (``"kind": "train"``) and per
-  validation (``"kind": "val"``);
+  validation (``"kind": "val"``), after any history folded into ``metrics.jsonl.gz``
+  (``run_folder.compress_metrics``; read both with ``plot.read_metrics``);
 - ``last.pt``: everything needed to resume exactly (parameters, Adam state, step, the
   task-sampling RNG state, the data split); ``best.pt``: parameters with the best
   validation score so far;
@@ -247,7 +248,7 @@ class _Run:
         self.task_gen.set_state(ckpt["rng"]["tasks"])
         self.step, self.best = ckpt["step"], ckpt["best"]
         if self.d.main:
-            trim_metrics(self.out / "metrics.jsonl", self.step)
+            trim_metrics(self.out, self.step)
 
     # -- checkpoints and validation ------------------------------------------------------
     def save(self, kind: str) -> None:
