@@ -148,14 +148,12 @@ def trim_metrics(folder: Path, step: int) -> None:
         except (ValueError, KeyError, TypeError):
             return False
 
-    for path in (Path(folder) / METRICS_GZ, Path(folder) / METRICS):
-        lines = _lines(path)
-        kept = [x for x in lines if keep(x)]
-        text = "".join(x + "\n" for x in kept).encode()
-        if path.suffix != ".gz" and path.exists():  # also ends a line cut before its newline
-            _replace(path, text)
-        elif kept != lines:
-            _replace(path, gzip.compress(text, mtime=0))
+    gz, plain = Path(folder) / METRICS_GZ, Path(folder) / METRICS
+    lines = _lines(gz)
+    if (kept := [x for x in lines if keep(x)]) != lines:  # the .gz only when it must change
+        _replace(gz, gzip.compress("".join(x + "\n" for x in kept).encode(), mtime=0))
+    if plain.exists():  # always: this also ends a line cut before its newline
+        _replace(plain, "".join(x + "\n" for x in _lines(plain) if keep(x)).encode())
 
 
 def compress_metrics(folder: Path) -> bool:
@@ -197,6 +195,4 @@ def record_machine(out: Path, machine: dict) -> None:
 
 def write_json(path: Path, obj) -> None:
     """Write ``obj`` as JSON through a temporary file and a rename: never half-written."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    _replace(path, json.dumps(obj, indent=1).encode())
